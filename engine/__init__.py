@@ -1,0 +1,9 @@
+"""Our own paged-KV, continuous-batching inference engine on top of torch and transformers."""
+
+from .config import EngineConfig
+from .llm import LLM
+from .outputs import CompletionOutput, EmbeddingOutput, RequestOutput
+from .sampling_params import InvalidParameter, SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
+           "EmbeddingOutput", "InvalidParameter"]

@@ -1,0 +1,125 @@
+"""Paged attention plugged into ``transformers`` model modules.
+
+The runner packs every scheduled token of a step into one row (batch size 1) with explicit
+``position_ids`` and passes an :class:`AttentionMetadata` as the ``paged_attn`` keyword. The model's
+own attention modules call :func:`paged_attention` (registered under :data:`ATTN_IMPL`), which
+writes the step's K/V into the pool by slot and attends over each sequence's blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTN_IMPL = "engine_paged"
+
+
+@dataclass
+class PrefillSpan:
+    """Query tokens ``[start, end)`` of the packed row belong to one sequence whose first
+    ``ctx_start`` tokens already sit in the cache."""
+
+    start: int
+    end: int
+    ctx_start: int
+    gather_idx: torch.Tensor | None = None  # slots of all ctx_start + n tokens, when ctx_start > 0
+    mask: torch.Tensor | None = None  # [n, ctx] causal mask for the cached-context case
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        n, total = self.end - self.start, self.ctx_start + self.end - self.start
+        q_pos = torch.arange(self.ctx_start, total).unsqueeze(1)
+        k_pos = torch.arange(total).unsqueeze(0)
+        return (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step; built once by the runner, shared by all layers.
+
+    The first ``num_decodes`` tokens of the row are single-token queries (one per sequence);
+    the rest are prefill spans.
+    """
+
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v of [slots, kv_heads, dim]
+    slot_mapping: torch.Tensor  # [T] slot written by each packed token
+    num_decodes: int = 0
+    decode_gather_idx: torch.Tensor | None = None  # [Bd, Lmax] slots of each decode's context
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Lmax] True where attended
+    decode_ctx_lens: torch.Tensor | None = None  # [Bd]
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def decode_window_mask(self, window: int) -> torch.Tensor:
+        """Decode mask restricted to the last ``window`` positions (sliding-window layers)."""
+        if window not in self._window_masks:
+            lmax = self.decode_gather_idx.shape[1]
+            pos = torch.arange(lmax, device=self.decode_ctx_lens.device).unsqueeze(0)
+            lens = self.decode_ctx_lens.unsqueeze(1)
+            ok = (pos < lens) & (pos >= lens - window)
+            self._window_masks[window] = ok[:, None, None, :]
+        return self._window_masks[window]
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    sliding_window=None, paged_attn: AttentionMetadata | None = None, **kwargs):
+    """Attention function with the signature ``transformers`` expects from ``AttentionInterface``.
+
+    query: [1, H, T, D]; key/value: [1, Hkv, T, D]. Returns ([1, T, H, D], None).
+    """
+    if paged_attn is None:
+        raise RuntimeError("paged attention called without metadata; use the engine's runner")
+    meta = paged_attn
+    k_cache, v_cache = meta.kv_caches[module.layer_idx]
+    _, n_heads, t, d = query.shape
+    n_kv = key.shape[1]
+    group = n_heads // n_kv
+    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
+    v_new = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, meta.slot_mapping, k_new)
+    v_cache.index_copy_(0, meta.slot_mapping, v_new)
+
+    out = query.new_empty(t, n_heads, d)
+    q = query[0]  # [H, T, D]
+    bd = meta.num_decodes
+    if bd:
+        qd = q[:, :bd].transpose(0, 1).reshape(bd, n_kv, group, d)
+        kd = k_cache[meta.decode_gather_idx].transpose(1, 2)  # [Bd, Hkv, L, D]
+        vd = v_cache[meta.decode_gather_idx].transpose(1, 2)
+        mask = meta.decode_mask if sliding_window is None else meta.decode_window_mask(sliding_window)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
+        out[:bd] = od.reshape(bd, n_heads, d)
+    for span in meta.prefills:
+        qs = q[:, span.start:span.end].unsqueeze(0)  # [1, H, n, D]
+        if span.ctx_start == 0:
+            ks = key[:, :, span.start:span.end]
+            vs = value[:, :, span.start:span.end]
+            if sliding_window is None:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
+                                                   enable_gqa=group > 1)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.window_mask(sliding_window),
+                                                   scale=scaling, enable_gqa=group > 1)
+        else:
+            ks = k_cache[span.gather_idx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vs = v_cache[span.gather_idx].transpose(0, 1).unsqueeze(0)
+            mask = span.mask if sliding_window is None else span.window_mask(sliding_window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
+                                               enable_gqa=group > 1)
+        out[span.start:span.end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs):
+    """Masks are built per sequence inside :func:`paged_attention`; tell transformers to skip."""
+    return None
+
+
+def register() -> str:
+    """Register the paged attention implementation with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPL, paged_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, _no_mask)
+    return ATTN_IMPL

@@ -1,0 +1,135 @@
+"""Ref-counted KV blocks with a prefix cache of full blocks and LRU eviction.
+
+Blocks that reach ref count 0 go to the free queue. A freed block that holds a prefix hash stays
+findable until it is handed out again; the queue pops from its front, so the least recently freed
+(least recently used) cached blocks are reused first. Freed blocks without a hash go to the front,
+since nothing can ever hit them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+def chain_hash(parent: bytes, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """Hash of a full block given its parent's hash: equal hashes mean equal whole prefixes."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(b",".join(str(t).encode() for t in token_ids))
+    return h.digest()
+
+
+def root_hash(salt: str | bytes) -> bytes:
+    """Chain seed; salting with the model keeps engines' caches (and hashes) disjoint."""
+    data = salt.encode() if isinstance(salt, str) else salt
+    return hashlib.blake2b(b"kv-root:" + data, digest_size=16).digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+
+
+class BlockPool:
+    """All KV blocks of one engine."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError("a block pool needs at least one block")
+        self.num_blocks = num_blocks
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[bytes, int] = {}
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (including evictable cached ones)."""
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Share of blocks held by live sequences; cached-but-free blocks count as free."""
+        return self.num_used_blocks / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self._cached.get(block_hash)
+
+    def free_order(self) -> list[int]:
+        """Block ids in the order they would be handed out (for tests and debugging)."""
+        return list(self._free)
+
+    # -- mutations -------------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` blocks from the front of the free queue, evicting their cached hashes."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} blocks, only {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            bid, _ = self._free.popitem(last=False)
+            blk = self.blocks[bid]
+            if blk.block_hash is not None:
+                if self._cached.get(blk.block_hash) == bid:
+                    del self._cached[blk.block_hash]
+                blk.block_hash = None
+            blk.ref_cnt = 1
+            out.append(bid)
+        return out
+
+    def acquire(self, block_ids: list[int]) -> None:
+        """Take another reference on existing blocks (prefix hits, forks)."""
+        for bid in block_ids:
+            blk = self.blocks[bid]
+            if blk.ref_cnt == 0:
+                del self._free[bid]
+            blk.ref_cnt += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference on each block, in the order given."""
+        for bid in block_ids:
+            blk = self.blocks[bid]
+            if blk.ref_cnt <= 0:
+                raise RuntimeError(f"block {bid} released more often than acquired")
+            blk.ref_cnt -= 1
+            if blk.ref_cnt == 0:
+                self._free[bid] = None
+                if blk.block_hash is None:
+                    self._free.move_to_end(bid, last=False)
+
+    def set_hash(self, block_id: int, block_hash: bytes) -> None:
+        """Make a full, computed block findable by its prefix hash (first writer wins)."""
+        blk = self.blocks[block_id]
+        if blk.block_hash is not None:
+            return
+        if block_hash in self._cached:
+            return
+        blk.block_hash = block_hash
+        self._cached[block_hash] = block_id
+
+    def reset_prefix_cache(self) -> None:
+        for h, bid in list(self._cached.items()):
+            self.blocks[bid].block_hash = None
+        self._cached.clear()
+
+    def check_consistency(self) -> None:
+        """Raise if the free queue, ref counts and hash map disagree."""
+        for blk in self.blocks:
+            in_free = blk.block_id in self._free
+            if (blk.ref_cnt == 0) != in_free:
+                raise AssertionError(f"block {blk.block_id}: ref {blk.ref_cnt}, in free queue {in_free}")
+            if blk.ref_cnt < 0:
+                raise AssertionError(f"block {blk.block_id}: negative ref count")
+        for h, bid in self._cached.items():
+            if self.blocks[bid].block_hash != h:
+                raise AssertionError(f"hash map points at block {bid} which holds another hash")

@@ -1,0 +1,243 @@
+"""The synchronous engine: add requests, call ``step()`` until they finish."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from transformers import AutoTokenizer, GenerationConfig
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache_manager import KVCacheManager
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .sampler import Sampler
+from .sampling_params import InvalidParameter, SamplingParams
+from .scheduler import Scheduler
+from .sequence import IdCounter, Request, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def eos_ids_of(model_path: str, hf_config, tokenizer) -> frozenset[int]:
+    """Every EOS id of the model's generation_config (int or list), else of its config/tokenizer."""
+    ids = None
+    try:
+        ids = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):
+        pass
+    if ids is None:
+        ids = getattr(hf_config.get_text_config(), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return frozenset()
+    return frozenset([ids] if isinstance(ids, int) else ids)
+
+
+class LLMEngine:
+    """One model: its runner, KV cache manager, scheduler, sampler and detokenizers."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model,
+                                                       trust_remote_code=config.trust_remote_code)
+        self.eos_token_ids = eos_ids_of(config.model, self.runner.hf_config, self.tokenizer)
+        max_pos = self.runner.max_position_embeddings or 2048
+        self.max_model_len = min(config.max_model_len or max_pos, max_pos)
+        num_blocks = self.runner.decide_num_blocks()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
+                f"sequence of max_model_len={self.max_model_len}; give more KV memory or lower "
+                f"max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 hash_salt=f"{config.model}|{self.runner.dtype}")
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = IdCounter()
+        self.num_steps = 0
+        log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (%d tokens) max_model_len=%d",
+                 config.model, self.runner.device, self.runner.dtype, num_blocks,
+                 num_blocks * config.block_size, self.max_model_len)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv.pool.num_blocks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    # -- requests --------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise :class:`InvalidParameter` for prompts that cannot run; nothing is scheduled."""
+        if not prompt_token_ids:
+            raise InvalidParameter("prompt", "prompt must contain at least one token")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidParameter("prompt", f"token id {bad[0]!r} is outside the vocabulary "
+                                             f"[0, {self.vocab_size})")
+        n = len(prompt_token_ids)
+        want = params.max_tokens if params.max_tokens is not None else 1
+        if n + want > self.max_model_len:
+            raise InvalidParameter(
+                "max_tokens" if params.max_tokens is not None and n < self.max_model_len else "prompt",
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{n} tokens and max_tokens is {params.max_tokens} ({n + want} in all)")
+
+    def add_request(self, request_id: str, prompt: str | None = None,
+                    prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None, prefix_salt: bytes = b"") -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidParameter("request_id", f"request id {request_id!r} is already running")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise InvalidParameter("prompt", "either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.tokenize(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids, params)
+        req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
+                      params=params, eos_token_ids=self.eos_token_ids,
+                      max_model_len=self.max_model_len, arrival_time=time.monotonic())
+        seq = self._new_seq(req, 0, prefix_salt)
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return req
+
+    def _new_seq(self, req: Request, index: int, prefix_salt: bytes = b"") -> Sequence:
+        p = req.params
+        seq = Sequence(seq_id=self._seq_ids.next(), request=req, token_ids=list(req.prompt_token_ids),
+                       num_prompt_tokens=len(req.prompt_token_ids), index=index,
+                       prefix_salt=prefix_salt, logprobs=[] if p.logprobs is not None else None)
+        seq.generator = self.sampler.make_generator(None if p.seed is None else p.seed + index)
+        if p.detokenize:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop,
+                                               p.skip_special_tokens, p.include_stop_str_in_output)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; its blocks go back to the pool at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- stepping --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample, and return outputs of requests that progressed."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        try:
+            order, logits = self.runner.execute(sched)
+        except Exception as e:  # a failing batch fails its requests, not the engine
+            log.exception("model step failed")
+            return self._fail({s.seq.request.request_id for s in sched.scheduled}, e)
+        self.num_steps += 1
+        self.scheduler.update_after_step(sched)
+        seqs = [s.seq for s in order if s.completes]
+        rows = list(range(len(seqs)))
+        for i, seq in enumerate(list(seqs)):
+            req = seq.request
+            if not req.forked:
+                req.forked = True
+                for idx in range(1, req.params.n):
+                    child = self._new_seq(req, idx, seq.prefix_salt)
+                    self.kv.fork(seq, child)
+                    req.seqs.append(child)
+                    self.scheduler.add_running(child)
+                    seqs.append(child)
+                    rows.append(i)
+        if len(rows) != logits.shape[0]:
+            logits = logits[rows]
+        tokens, logprobs = self.sampler(logits, seqs)
+        touched: dict[str, Request] = {}
+        for seq, tok, lp in zip(seqs, tokens, logprobs):
+            self._append_token(seq, tok, lp)
+            touched[seq.request.request_id] = seq.request
+        outs = []
+        for rid, req in touched.items():
+            outs.append(self._output(req))
+            if req.is_finished:
+                self.requests.pop(rid, None)
+        return outs
+
+    def _append_token(self, seq: Sequence, tok: int, lp: dict[int, float] | None) -> None:
+        req = seq.request
+        p = req.params
+        seq.token_ids.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        reason, stop_reason = None, None
+        if not p.ignore_eos and tok in req.eos_token_ids:
+            reason, stop_reason = "stop", None
+        elif tok in p.stop_token_ids:
+            reason, stop_reason = "stop", tok
+        elif seq.num_tokens >= req.max_total_tokens:
+            reason = "length"
+        if seq.detok is not None:
+            hit_eos = reason == "stop" and stop_reason is None
+            if not hit_eos or not p.skip_special_tokens:
+                matched = seq.detok.add_token(tok, final=reason is not None)
+                if matched is not None:
+                    reason, stop_reason = "stop", matched
+            if reason is not None and seq.detok.stopped_on is None:
+                seq.detok.flush()
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    def _fail(self, request_ids: set[str], exc: BaseException) -> list[RequestOutput]:
+        outs = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            req.error = exc
+            out = self.abort(rid)
+            if out is not None:
+                out.error = exc
+                outs.append(out)
+        return outs
+
+    def _output(self, req: Request) -> RequestOutput:
+        comps = []
+        for seq in req.seqs:
+            text = seq.detok.visible_text(seq.is_finished) if seq.detok is not None else ""
+            comps.append(CompletionOutput(index=seq.index, text=text, token_ids=seq.output_token_ids,
+                                          finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                          logprobs=seq.logprobs))
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=req.prompt_token_ids, outputs=comps,
+                             finished=req.is_finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
+                             error=req.error)
+
+    # -- introspection ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": self.kv.usage,
+            "num_free_blocks": self.kv.pool.num_free_blocks,
+            "num_kv_blocks": self.kv.pool.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.kv.stats.queries,
+            "prefix_cache_hits": self.kv.stats.hits,
+        }

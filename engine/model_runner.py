@@ -1,0 +1,175 @@
+"""Runs one packed forward pass per step over the paged KV cache."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from . import attention
+from .attention import AttentionMetadata, PrefillSpan
+from .config import EngineConfig
+from .model_loader import check_source, load_error, resolve_device, resolve_dtype
+from .scheduler import SchedulerOutput, ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
+
+
+class ModelRunner:
+    """Owns the model weights and the KV cache tensors of one engine."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        check_source(config.model)
+        try:
+            self.hf_config = AutoConfig.from_pretrained(config.model,
+                                                        trust_remote_code=config.trust_remote_code)
+        except Exception as e:  # transformers raises OSError/ValueError variants
+            raise load_error(config.model, e) from e
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        impl = attention.register()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                config.model, dtype=self.dtype, attn_implementation=impl,
+                trust_remote_code=config.trust_remote_code)
+        except Exception as e:
+            raise load_error(config.model, e) from e
+        self.model = model.to(self.device).eval()
+        text_cfg = self.hf_config.get_text_config()
+        self.num_layers = text_cfg.num_hidden_layers
+        self.num_kv_heads = getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads
+        self.head_dim = getattr(text_cfg, "head_dim", None) or (
+            text_cfg.hidden_size // text_cfg.num_attention_heads)
+        self.vocab_size = text_cfg.vocab_size
+        self.max_position_embeddings = getattr(text_cfg, "max_position_embeddings", None)
+        self.block_size = config.block_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- KV cache --------------------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def decide_num_blocks(self) -> int:
+        """Blocks from an explicit count, an explicit byte budget, or (CUDA) free memory."""
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = total * (1.0 - cfg.gpu_memory_utilization)
+            budget = int(max(free - reserve, 0))
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+        n = budget // self.bytes_per_block
+        if n < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "
+                             f"({self.bytes_per_block} bytes)")
+        return int(n)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        slots = num_blocks * self.block_size
+        shape = (slots, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (every layer) from src to dst."""
+        if not pairs:
+            return
+        bs = self.block_size
+        src = torch.tensor([s * bs + i for s, _ in pairs for i in range(bs)], device=self.device)
+        dst = torch.tensor([d * bs + i for _, d in pairs for i in range(bs)], device=self.device)
+        for k, v in self.kv_caches:
+            k.index_copy_(0, dst, k[src])
+            v.index_copy_(0, dst, v[src])
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor, torch.Tensor,
+                                                       AttentionMetadata, list[int]]:
+        """Order the batch (single-token queries first) and build the step's tensors."""
+        dev = self.device
+        bs = self.block_size
+        singles = [s for s in sched.scheduled if s.num_new_tokens == 1]
+        multis = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        order = singles + multis
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for s in order:
+            a, b = s.start, s.start + s.num_new_tokens
+            ids += s.seq.token_ids[a:b]
+            pos += range(a, b)
+            slots += self._slots(s.seq.block_table, a, b)
+        meta = AttentionMetadata(kv_caches=self.kv_caches,
+                                 slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        if singles:
+            lens = [s.start + 1 for s in singles]
+            nblk = max(-(-n // bs) for n in lens)
+            tables = torch.tensor([s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk]))
+                                   for s in singles], dtype=torch.long, device=dev)
+            lmax = max(lens)
+            offs = torch.arange(bs, device=dev)
+            gather = (tables.unsqueeze(-1) * bs + offs).reshape(len(singles), -1)[:, :lmax]
+            ctx = torch.tensor(lens, dtype=torch.long, device=dev)
+            valid = torch.arange(lmax, device=dev).unsqueeze(0) < ctx.unsqueeze(1)
+            meta.num_decodes = len(singles)
+            meta.decode_gather_idx = gather.masked_fill(~valid, 0)
+            meta.decode_mask = valid[:, None, None, :]
+            meta.decode_ctx_lens = ctx
+        t = len(singles)
+        for s in multis:
+            n = s.num_new_tokens
+            span = PrefillSpan(start=t, end=t + n, ctx_start=s.start)
+            if s.start > 0:
+                total = s.start + n
+                span.gather_idx = torch.tensor(self._slots(s.seq.block_table, 0, total),
+                                               dtype=torch.long, device=dev)
+                q_pos = torch.arange(s.start, total, device=dev).unsqueeze(1)
+                span.mask = torch.arange(total, device=dev).unsqueeze(0) <= q_pos
+            meta.prefills.append(span)
+            t += n
+        # Row of the last token of each sequence that completes this step (its logits get sampled).
+        logit_rows: list[int] = []
+        t = 0
+        for s in order:
+            t += s.num_new_tokens
+            if s.completes:
+                logit_rows.append(t - 1)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        positions = torch.tensor([pos], dtype=torch.long, device=dev)
+        return order, input_ids, positions, meta, logit_rows
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Run the step; returns the batch order and float32 logits for sequences that complete,
+        in that order."""
+        self.copy_blocks(sched.blocks_to_copy)
+        order, input_ids, positions, meta, rows = self.prepare(sched)
+        if not rows:
+            keep = torch.tensor([input_ids.shape[1] - 1], device=self.device)
+        else:
+            keep = torch.tensor(rows, device=self.device)
+        out = self.model(input_ids=input_ids, position_ids=positions, paged_attn=meta,
+                         use_cache=False, logits_to_keep=keep)
+        logits = out.logits[0].float()
+        if not rows:
+            logits = logits[:0]
+        return order, logits

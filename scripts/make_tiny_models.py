@@ -1,0 +1,124 @@
+"""Build tiny random-weight models and a tokenizer trained offline (no downloads).
+
+    python scripts/make_tiny_models.py --out models            # tiny llama, qwen2, qwen3, mistral
+    python scripts/make_tiny_models.py --out models --bench    # also the ~150M benchmark Llama
+
+Every model directory holds a byte-level BPE tokenizer (trained here on text from Python's own
+docstrings plus some multilingual samples), a ChatML chat template and a generation_config whose
+eos_token_id is a list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pydoc
+import sys
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MULTILINGUAL = [
+    "Grüße aus München, schöne Straße und Käse.", "Café crème, déjà vu, naïve façade.",
+    "你好，世界。今天天气很好，我们去公园散步吧。", "こんにちは、世界。東京は大きな都市です。",
+    "Привет, мир! Как дела?", "مرحبا بالعالم", "emoji: 🙂 🚀 🎉 👍 ❤️", "Ελληνικά γράμματα αβγδ",
+]
+TINY_KINDS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def corpus() -> list[str]:
+    """Deterministic training text: docstrings of stdlib modules, plus multilingual lines."""
+    import collections, dataclasses, functools, itertools, json as js, os, re, string, textwrap
+    texts = []
+    for mod in (collections, dataclasses, functools, itertools, js, os, re, string, textwrap):
+        texts.append(pydoc.render_doc(mod, renderer=pydoc.plaintext))
+    return texts + MULTILINGUAL * 50
+
+
+def train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", bos_token=None,
+                                   additional_special_tokens=SPECIAL)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_config(kind: str, vocab: int, eos: list[int], big: bool = False):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if big:  # the benchmark model: ~150M parameters
+        common = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048)
+    else:
+        common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    common.update(vocab_size=vocab, eos_token_id=eos[0], pad_token_id=eos[-1], bos_token_id=None,
+                  tie_word_embeddings=False, initializer_range=0.2 if not big else 0.02)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "qwen3":
+        return Qwen3Config(head_dim=16 if not big else 64, **common)
+    if kind == "mistral":
+        return MistralConfig(sliding_window=24, **common)
+    raise ValueError(kind)
+
+
+def build(out: Path, kind: str, tokenizer, big: bool = False, dtype: str = "float32") -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    name = f"bench-llama-150m" if big else f"tiny-{kind}"
+    path = out / name
+    if (path / "config.json").exists():
+        return path
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    vocab = 32000 if big else len(tokenizer)
+    cfg = make_config(kind, vocab, eos, big)
+    torch.manual_seed(1234 + TINY_KINDS.index(kind) + (100 if big else 0))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[-1], do_sample=False)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="models", type=Path)
+    ap.add_argument("--kinds", default=",".join(TINY_KINDS))
+    ap.add_argument("--bench", action="store_true", help="also build the ~150M bfloat16 Llama")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(args.vocab_size)
+    for kind in filter(None, args.kinds.split(",")):
+        print(build(args.out, kind, tok))
+    if args.bench:
+        print(build(args.out, "llama", tok, big=True, dtype="bfloat16"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
