@@ -223,7 +223,7 @@ class LLMEngine:
             text = seq.detok.visible_text(seq.is_finished) if seq.detok is not None else ""
             comps.append(CompletionOutput(index=seq.index, text=text, token_ids=seq.output_token_ids,
                                           finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                                          logprobs=seq.logprobs))
+                                          logprobs=list(seq.logprobs) if seq.logprobs is not None else None))
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                              prompt_token_ids=req.prompt_token_ids, outputs=comps,
                              finished=req.is_finished, num_cached_tokens=req.seqs[0].num_cached_tokens,

@@ -1,0 +1,1 @@
+"""Manager process (arrives with its own issue; see ../shared/SPEC.md)."""

@@ -1,0 +1,1 @@
+"""Router process (arrives with its own issue; see ../shared/SPEC.md)."""

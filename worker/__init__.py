@@ -1,0 +1,1 @@
+"""Worker process (arrives with its own issue; see ../shared/SPEC.md)."""
