@@ -37,31 +37,57 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token queries in rows ``[start, end)`` with contexts of similar length, attended
+    together over a gather padded to the longest of them."""
+
+    start: int
+    end: int
+    gather_idx: torch.Tensor  # [B, Lmax] slots of each sequence's context (padding -> slot 0)
+    mask: torch.Tensor  # [B, 1, 1, Lmax] True where attended
+    ctx_lens: torch.Tensor  # [B]
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """Mask restricted to the last ``window`` positions (sliding-window layers)."""
+        if window not in self._window_masks:
+            lmax = self.gather_idx.shape[1]
+            pos = torch.arange(lmax, device=self.ctx_lens.device).unsqueeze(0)
+            lens = self.ctx_lens.unsqueeze(1)
+            self._window_masks[window] = ((pos < lens) & (pos >= lens - window))[:, None, None, :]
+        return self._window_masks[window]
+
+
+def group_by_length(lengths: list[int], overhead_tokens: int = 192) -> list[tuple[int, int]]:
+    """Split ascending ``lengths`` into contiguous groups minimising padded rows read plus a fixed
+    per-group cost (``overhead_tokens`` rows' worth): exact DP, n is at most max_num_seqs."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[j - 1] + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step; built once by the runner, shared by all layers.
 
-    The first ``num_decodes`` tokens of the row are single-token queries (one per sequence);
+    The first tokens of the row are single-token queries (one per sequence) in decode groups;
     the rest are prefill spans.
     """
 
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v of [slots, kv_heads, dim]
     slot_mapping: torch.Tensor  # [T] slot written by each packed token
-    num_decodes: int = 0
-    decode_gather_idx: torch.Tensor | None = None  # [Bd, Lmax] slots of each decode's context
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Lmax] True where attended
-    decode_ctx_lens: torch.Tensor | None = None  # [Bd]
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
-    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def decode_window_mask(self, window: int) -> torch.Tensor:
-        """Decode mask restricted to the last ``window`` positions (sliding-window layers)."""
-        if window not in self._window_masks:
-            lmax = self.decode_gather_idx.shape[1]
-            pos = torch.arange(lmax, device=self.decode_ctx_lens.device).unsqueeze(0)
-            lens = self.decode_ctx_lens.unsqueeze(1)
-            ok = (pos < lens) & (pos >= lens - window)
-            self._window_masks[window] = ok[:, None, None, :]
-        return self._window_masks[window]
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -84,14 +110,15 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     out = query.new_empty(t, n_heads, d)
     q = query[0]  # [H, T, D]
-    bd = meta.num_decodes
-    if bd:
-        qd = q[:, :bd].transpose(0, 1).reshape(bd, n_kv, group, d)
-        kd = k_cache[meta.decode_gather_idx].transpose(1, 2)  # [Bd, Hkv, L, D]
-        vd = v_cache[meta.decode_gather_idx].transpose(1, 2)
-        mask = meta.decode_mask if sliding_window is None else meta.decode_window_mask(sliding_window)
+    for g in meta.decodes:
+        bd = g.end - g.start
+        # Query heads of one KV head act as that head's "query positions": no repeat_kv copy.
+        qd = q[:, g.start:g.end].transpose(0, 1).reshape(bd, n_kv, group, d)
+        kd = k_cache[g.gather_idx].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache[g.gather_idx].transpose(1, 2)
+        mask = g.mask if sliding_window is None else g.window_mask(sliding_window)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
-        out[:bd] = od.reshape(bd, n_heads, d)
+        out[g.start:g.end] = od.reshape(bd, n_heads, d)
     for span in meta.prefills:
         qs = q[:, span.start:span.end].unsqueeze(0)  # [1, H, n, D]
         if span.ctx_start == 0:

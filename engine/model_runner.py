@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import attention
-from .attention import AttentionMetadata, PrefillSpan
+from .attention import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from .config import EngineConfig
 from .model_loader import check_source, load_error, resolve_device, resolve_dtype
 from .scheduler import SchedulerOutput, ScheduledSeq
@@ -107,7 +107,8 @@ class ModelRunner:
         """Order the batch (single-token queries first) and build the step's tensors."""
         dev = self.device
         bs = self.block_size
-        singles = [s for s in sched.scheduled if s.num_new_tokens == 1]
+        # Single-token queries sorted by context length, so similar lengths share a padded gather.
+        singles = sorted((s for s in sched.scheduled if s.num_new_tokens == 1), key=lambda s: s.start)
         multis = [s for s in sched.scheduled if s.num_new_tokens > 1]
         order = singles + multis
         ids: list[int] = []
@@ -120,20 +121,9 @@ class ModelRunner:
             slots += self._slots(s.seq.block_table, a, b)
         meta = AttentionMetadata(kv_caches=self.kv_caches,
                                  slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
-        if singles:
-            lens = [s.start + 1 for s in singles]
-            nblk = max(-(-n // bs) for n in lens)
-            tables = torch.tensor([s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk]))
-                                   for s in singles], dtype=torch.long, device=dev)
-            lmax = max(lens)
-            offs = torch.arange(bs, device=dev)
-            gather = (tables.unsqueeze(-1) * bs + offs).reshape(len(singles), -1)[:, :lmax]
-            ctx = torch.tensor(lens, dtype=torch.long, device=dev)
-            valid = torch.arange(lmax, device=dev).unsqueeze(0) < ctx.unsqueeze(1)
-            meta.num_decodes = len(singles)
-            meta.decode_gather_idx = gather.masked_fill(~valid, 0)
-            meta.decode_mask = valid[:, None, None, :]
-            meta.decode_ctx_lens = ctx
+        lens = [s.start + 1 for s in singles]
+        for a, b in group_by_length(lens):
+            meta.decodes.append(self._decode_group(singles[a:b], lens[a:b], a))
         t = len(singles)
         for s in multis:
             n = s.num_new_tokens
@@ -156,6 +146,19 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return order, input_ids, positions, meta, logit_rows
+
+    def _decode_group(self, group: list[ScheduledSeq], lens: list[int], start: int) -> DecodeGroup:
+        dev, bs = self.device, self.block_size
+        lmax = max(lens)
+        nblk = -(-lmax // bs)
+        tables = torch.tensor([s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk]))
+                               for s in group], dtype=torch.long, device=dev)
+        gather = (tables.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).reshape(len(group), -1)
+        ctx = torch.tensor(lens, dtype=torch.long, device=dev)
+        valid = torch.arange(lmax, device=dev).unsqueeze(0) < ctx.unsqueeze(1)
+        return DecodeGroup(start=start, end=start + len(group),
+                           gather_idx=gather[:, :lmax].masked_fill(~valid, 0),
+                           mask=valid[:, None, None, :], ctx_lens=ctx)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
