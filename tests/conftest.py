@@ -50,6 +50,7 @@ def make_llm(model_dir):
 
     def make(kind: str = "llama", **options):
         options.setdefault("dtype", "float32")
+        options.setdefault("num_kv_blocks", 512)  # the 512 MiB CPU default is more than tests need
         llm = LLM(str(model_dir / f"tiny-{kind}"), **options)
         made.append(llm)
         return llm
