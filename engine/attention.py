@@ -43,7 +43,7 @@ class DecodeGroup:
 
     start: int
     end: int
-    gather_idx: torch.Tensor  # [B, Lmax] slots of each sequence's context (padding -> slot 0)
+    gather_idx: torch.Tensor  # [B * Lmax] slots of each sequence's context (padding -> slot 0)
     mask: torch.Tensor  # [B, 1, 1, Lmax] True where attended
     ctx_lens: torch.Tensor  # [B]
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -51,21 +51,25 @@ class DecodeGroup:
     def window_mask(self, window: int) -> torch.Tensor:
         """Mask restricted to the last ``window`` positions (sliding-window layers)."""
         if window not in self._window_masks:
-            lmax = self.gather_idx.shape[1]
+            lmax = self.mask.shape[-1]
             pos = torch.arange(lmax, device=self.ctx_lens.device).unsqueeze(0)
             lens = self.ctx_lens.unsqueeze(1)
             self._window_masks[window] = ((pos < lens) & (pos >= lens - window))[:, None, None, :]
         return self._window_masks[window]
 
 
-def group_by_length(lengths: list[int], overhead_tokens: int = 192) -> list[tuple[int, int]]:
+def group_by_length(lengths: list[int], overhead_tokens: int = 64, max_group: int = 4
+                    ) -> list[tuple[int, int]]:
     """Split ascending ``lengths`` into contiguous groups minimising padded rows read plus a fixed
-    per-group cost (``overhead_tokens`` rows' worth): exact DP, n is at most max_num_seqs."""
+    per-group cost (``overhead_tokens`` rows' worth): exact DP, n is at most max_num_seqs.
+
+    Groups stay small (``max_group``) so a group's gathered K/V is still in cache when attention
+    reads it; measured on CPU that beats one big padded gather by 3-4x."""
     n = len(lengths)
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):
+        for i in range(max(0, j - max_group), j):
             cost = best[i] + (j - i) * lengths[j - 1] + overhead_tokens
             if cost < best[j]:
                 best[j], cut[j] = cost, i
@@ -84,7 +88,7 @@ class AttentionMetadata:
     the rest are prefill spans.
     """
 
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v of [slots, kv_heads, dim]
+    kv_caches: list[torch.Tensor]  # per layer: [slots, 2 (k, v), kv_heads, dim]
     slot_mapping: torch.Tensor  # [T] slot written by each packed token
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
@@ -99,14 +103,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if paged_attn is None:
         raise RuntimeError("paged attention called without metadata; use the engine's runner")
     meta = paged_attn
-    k_cache, v_cache = meta.kv_caches[module.layer_idx]
+    kv_cache = meta.kv_caches[module.layer_idx]
     _, n_heads, t, d = query.shape
     n_kv = key.shape[1]
     group = n_heads // n_kv
-    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
-    v_new = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, meta.slot_mapping, k_new)
-    v_cache.index_copy_(0, meta.slot_mapping, v_new)
+    kv_cache[:, 0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, Hkv, D]
+    kv_cache[:, 1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
 
     out = query.new_empty(t, n_heads, d)
     q = query[0]  # [H, T, D]
@@ -114,8 +116,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         bd = g.end - g.start
         # Query heads of one KV head act as that head's "query positions": no repeat_kv copy.
         qd = q[:, g.start:g.end].transpose(0, 1).reshape(bd, n_kv, group, d)
-        kd = k_cache[g.gather_idx].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[g.gather_idx].transpose(1, 2)
+        # One index_select brings K and V of the whole group ([B, L, 2, Hkv, D]).
+        kv = kv_cache.index_select(0, g.gather_idx).view(bd, -1, 2, n_kv, d)
+        kd = kv[:, :, 0].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = kv[:, :, 1].transpose(1, 2)
         mask = g.mask if sliding_window is None else g.window_mask(sliding_window)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling)
         out[g.start:g.end] = od.reshape(bd, n_heads, d)
@@ -131,8 +135,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.window_mask(sliding_window),
                                                    scale=scaling, enable_gqa=group > 1)
         else:
-            ks = k_cache[span.gather_idx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vs = v_cache[span.gather_idx].transpose(0, 1).unsqueeze(0)
+            kv = kv_cache.index_select(0, span.gather_idx)  # [ctx, 2, Hkv, D]
+            ks = kv[:, 0].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vs = kv[:, 1].transpose(0, 1).unsqueeze(0)
             mask = span.mask if sliding_window is None else span.window_mask(sliding_window)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
                                                enable_gqa=group > 1)

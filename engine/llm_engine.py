@@ -39,9 +39,11 @@ def eos_ids_of(model_path: str, hf_config, tokenizer) -> frozenset[int]:
 class LLMEngine:
     """One model: its runner, KV cache manager, scheduler, sampler and detokenizers."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
+        """``runner``: weights already loaded (a worker loads every model before sizing KV)."""
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = runner or ModelRunner(config)
+        self.runner.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model,
                                                        trust_remote_code=config.trust_remote_code)
         self.eos_token_ids = eos_ids_of(config.model, self.runner.hf_config, self.tokenizer)

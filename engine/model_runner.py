@@ -47,7 +47,7 @@ class ModelRunner:
         self.vocab_size = text_cfg.vocab_size
         self.max_position_embeddings = getattr(text_cfg, "max_position_embeddings", None)
         self.block_size = config.block_size
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[torch.Tensor] = []
 
     # -- KV cache --------------------------------------------------------------------------------
     @property
@@ -79,12 +79,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         slots = num_blocks * self.block_size
-        shape = (slots, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.num_layers)
-        ]
+        # K and V of a slot side by side: one gather fetches both. Zeroed, because padded
+        # gathers read slot 0 and garbage there could be NaN (masked scores still multiply V).
+        shape = (slots, 2, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_layers)]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer) from src to dst."""
@@ -93,9 +92,8 @@ class ModelRunner:
         bs = self.block_size
         src = torch.tensor([s * bs + i for s, _ in pairs for i in range(bs)], device=self.device)
         dst = torch.tensor([d * bs + i for _, d in pairs for i in range(bs)], device=self.device)
-        for k, v in self.kv_caches:
-            k.index_copy_(0, dst, k[src])
-            v.index_copy_(0, dst, v[src])
+        for kv in self.kv_caches:
+            kv.index_copy_(0, dst, kv.index_select(0, src))
 
     # -- forward ---------------------------------------------------------------------------------
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
@@ -157,7 +155,7 @@ class ModelRunner:
         ctx = torch.tensor(lens, dtype=torch.long, device=dev)
         valid = torch.arange(lmax, device=dev).unsqueeze(0) < ctx.unsqueeze(1)
         return DecodeGroup(start=start, end=start + len(group),
-                           gather_idx=gather[:, :lmax].masked_fill(~valid, 0),
+                           gather_idx=gather[:, :lmax].masked_fill(~valid, 0).reshape(-1),
                            mask=valid[:, None, None, :], ctx_lens=ctx)
 
     @torch.inference_mode()
