@@ -1,0 +1,83 @@
+"""Helpers to run real server processes in tests, and always clean them up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process whose output goes to a log file; ``stop()`` is SIGTERM then SIGKILL."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=self._log,
+                                  stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def wait_http(self, url: str, ok=lambda r: r.status_code == 200, timeout: float = 120.0,
+                  headers: dict | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"process exited with {self.p.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if ok(httpx.get(url, timeout=2, headers=headers)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{url} not ready:\n{self.log()[-3000:]}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self._log.close()
+        return self.p.returncode
+
+
+def start_worker(tmp: Path, models: str, *extra: str, env: dict | None = None,
+                 ready_headers: dict | None = None) -> tuple[Proc, str]:
+    port = free_port()
+    cfg = tmp / f"worker-{port}.yaml"
+    cfg.write_text("worker:\n  cpu_kv_cache_memory: 8MiB\n  max_body_bytes: 1MiB\n"
+                   "engine_defaults:\n  max_num_seqs: 16\n  dtype: float32\n")
+    proc = Proc(["-m", "worker", "--models", models, "--host", "127.0.0.1", "--port", str(port),
+                 "--config", str(cfg), *extra], tmp / f"worker-{port}.log", env)
+    url = f"http://127.0.0.1:{port}"
+    names = [s.split("=")[0] for s in models.split(",")]
+    try:
+        proc.wait_http(f"{url}/v1/models", headers=ready_headers,
+                       ok=lambda r: r.status_code == 200 and sorted(m["id"] for m in r.json()["data"]) == sorted(names))
+    except Exception:
+        proc.stop()
+        raise
+    return proc, url

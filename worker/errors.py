@@ -1,0 +1,73 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.sampling_params import InvalidParameter
+
+from .vllm_manager import UnknownModel
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """Raised by handlers to answer with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code if code is not None else status}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code=None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) if parts else None
+
+
+def install(app) -> None:
+    """Register handlers so every error the app can raise comes out in OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(InvalidParameter)
+    async def _invalid(_: Request, e: InvalidParameter):
+        return error_response(400, str(e), e.param)
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown(_: Request, e: UnknownModel):
+        return error_response(404, f"The model `{e.args[0]}` does not exist.", "model", "model_not_found")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {first.get('msg')}", None)
+        param = _param_of(tuple(first.get("loc", ())))
+        msg = first.get("msg", "invalid value")
+        return error_response(400, f"{param}: {msg}" if param else msg, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), None)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", None)

@@ -1,0 +1,105 @@
+"""Joining the cluster: register with the manager, heartbeat load, re-register, deregister."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import httpx
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+log = logging.getLogger("worker.registration")
+
+MAX_BACKOFF_S = 60.0
+
+
+class Registrar:
+    """Talks to the manager's registry endpoints (SPEC §3) on behalf of one worker.
+
+    Registers once every model is ready, heartbeats from an apscheduler job every ``interval``
+    seconds with per-model load, registers again when the manager answers 404 (it lost us, e.g.
+    after a Redis restart), backs off exponentially while the manager is unreachable (the worker
+    keeps serving meanwhile), and deregisters on shutdown.
+    """
+
+    def __init__(self, manager_url: str, public_url: str, models: list[dict],
+                 load: Callable[[], dict[str, dict]], interval: float = 5.0,
+                 worker_token: str | None = None, worker_id: str | None = None,
+                 timeout: float = 5.0):
+        self.manager_url = manager_url.rstrip("/")
+        self.public_url = public_url
+        self.models = models
+        self.load = load
+        self.interval = interval
+        self.worker_id = worker_id or uuid.uuid4().hex[:16]
+        headers = {"Authorization": f"Bearer {worker_token}"} if worker_token else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
+        self._scheduler = AsyncIOScheduler()
+        self.registered = False
+        self.failures = 0
+        self._next_try = 0.0
+        self.heartbeats_sent = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._tick()
+        self._scheduler.add_job(self._tick, "interval", seconds=self.interval, max_instances=1,
+                                coalesce=True, id="heartbeat")
+        self._scheduler.start()
+
+    async def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        if self.registered:
+            try:
+                r = await self._client.delete(f"{self.manager_url}/workers/{self.worker_id}")
+                log.info("deregistered from %s (%s)", self.manager_url, r.status_code)
+            except httpx.HTTPError as e:
+                log.warning("could not deregister from %s: %s", self.manager_url, type(e).__name__)
+            self.registered = False
+        await self._client.aclose()
+
+    # -- protocol --------------------------------------------------------------------------------
+    def registration_body(self) -> dict:
+        return {"id": self.worker_id, "url": self.public_url, "models": self.models,
+                "load": self.load()}
+
+    async def register(self) -> None:
+        r = await self._client.post(f"{self.manager_url}/workers", json=self.registration_body())
+        r.raise_for_status()
+        self.registered = True
+        log.info("registered with %s as %s (%s)", self.manager_url, self.worker_id, self.public_url)
+
+    async def heartbeat(self) -> None:
+        r = await self._client.post(f"{self.manager_url}/workers/{self.worker_id}/heartbeat",
+                                    json={"load": self.load()})
+        if r.status_code == 404:  # the manager forgot us: join again
+            log.info("manager does not know %s any more; registering again", self.worker_id)
+            self.registered = False
+            await self.register()
+            return
+        r.raise_for_status()
+        self.heartbeats_sent += 1
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        if now < self._next_try:
+            return
+        try:
+            if self.registered:
+                await self.heartbeat()
+            else:
+                await self.register()
+            if self.failures:
+                log.info("manager reachable again after %d failed attempts", self.failures)
+            self.failures = 0
+            self._next_try = 0.0
+        except (httpx.HTTPError, OSError) as e:
+            self.failures += 1
+            delay = min(MAX_BACKOFF_S, self.interval * 2 ** (self.failures - 1))
+            self._next_try = now + delay
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            log.warning("manager %s unreachable (%s%s); retrying in %.0fs, still serving",
+                        self.manager_url, type(e).__name__, f" {status}" if status else "", delay)
