@@ -32,7 +32,8 @@ class Proc:
                                   stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def wait_http(self, url: str, ok=lambda r: r.status_code == 200, timeout: float = 120.0,

@@ -27,6 +27,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class CleanExitServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after a graceful shutdown; we exit 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return CleanExitServer
+
+
 def fail(reason: str) -> int:
     print(f"worker: error: {reason}", file=sys.stderr, flush=True)
     return 1
@@ -56,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.model_loader import ModelLoadError
 
+    CleanExitServer = _server_class()
+
     from .api import create_app
     from .registration import Registrar
     from .vllm_manager import VLLMManager
@@ -73,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         registrar = Registrar(cfg.manager_url, public, models, manager.load_report,
                               cfg.heartbeat_interval, cfg.worker_token)
     app = create_app(manager, cfg, registrar)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+    server = CleanExitServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                            timeout_graceful_shutdown=10, access_log=False))
     server.run()
     return 0 if server.started else fail(f"server on {cfg.host}:{cfg.port} did not start")

@@ -35,8 +35,9 @@ def error_response(status: int, message: str, param: str | None = None, code=Non
 
 
 def _param_of(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) if parts else None
+    """The request field at fault (top level), e.g. ``temperature`` or ``messages``."""
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    return str(parts[0]) if parts else None
 
 
 def install(app) -> None:
@@ -60,9 +61,12 @@ def install(app) -> None:
         first = errs[0] if errs else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
             return error_response(400, f"request body is not valid JSON: {first.get('msg')}", None)
-        param = _param_of(tuple(first.get("loc", ())))
+        loc = tuple(first.get("loc", ()))
+        param = _param_of(loc)
+        # Union members show up in the location as type names; keep the field path only.
+        path = ".".join(str(p) for p in loc[1:] if isinstance(p, int) or str(p).isidentifier())
         msg = first.get("msg", "invalid value")
-        return error_response(400, f"{param}: {msg}" if param else msg, param)
+        return error_response(400, f"{path or param}: {msg}" if param else msg, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):

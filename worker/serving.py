@@ -156,11 +156,17 @@ async def generate(served: ServedModel, ids: list[int], params: SamplingParams, 
                    prompt: str | None = None) -> AsyncIterator[RequestOutput]:
     """Engine outputs for one prompt, with metrics recorded."""
     tracker = Tracker(metrics, served.name)
-    async for out in served.engine.generate(prompt=prompt, prompt_token_ids=ids, params=params):
-        tracker.on_output(out)
-        if out.finished:
-            tracker.on_finish(out, len(ids))
-        yield out
+    finished = False
+    try:
+        async for out in served.engine.generate(prompt=prompt, prompt_token_ids=ids, params=params):
+            tracker.on_output(out)
+            if out.finished:
+                finished = True
+                tracker.on_finish(out, len(ids))
+            yield out
+    finally:
+        if not finished:  # client gone or engine error: the engine request was aborted
+            metrics.request_success.labels(served.name, "abort").inc(params.n)
 
 
 async def final_output(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
