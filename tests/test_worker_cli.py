@@ -1,0 +1,65 @@
+"""Worker start-up: settings precedence and one-line failures on bad configuration."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from procs import ROOT
+from worker.config import ConfigError, build_config, parse_bytes, parse_model_spec
+
+
+def run_worker(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_model_specs_and_sizes():
+    assert parse_model_spec("a=/models/x") == ("a", "/models/x")
+    assert parse_model_spec("Qwen/Qwen3-0.6B") == ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B")
+    assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2GB") == 2 * 10**9
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+def test_flags_win_over_file_and_file_model_settings_apply():
+    data = {"worker": {"port": 9000, "heartbeat_interval": 2, "models": [
+        {"name": "small", "source": "/m/small", "max_model_len": 128, "kv_cache_memory": "64MiB"}]},
+        "engine_defaults": {"max_num_seqs": 8}}
+    cfg = build_config(data, {"port": 9100, "models": "small=/m/small,other=/m/other"}, env={})
+    assert cfg.port == 9100 and cfg.heartbeat_interval == 2
+    assert [m.name for m in cfg.models] == ["small", "other"]
+    e = cfg.engine_config(cfg.models[0], "cpu")
+    assert e.max_model_len == 128 and e.kv_cache_memory == 64 * 2**20 and e.max_num_seqs == 8
+    assert cfg.engine_config(cfg.models[1], "cpu").max_model_len is None
+    cfg = build_config(data, {}, env={"WORKER_TOKEN": "t"})
+    assert cfg.worker_token == "t" and cfg.models[0].source == "/m/small"
+    with pytest.raises(ConfigError, match="unknown worker settings"):
+        build_config({"worker": {"prot": 1, "models": [{"source": "x"}]}}, {}, env={})
+    with pytest.raises(ConfigError, match="duplicate"):
+        build_config({}, {"models": "a=x,a=y"}, env={})
+
+
+def test_repo_config_yaml_is_valid():
+    from worker.config import load_yaml
+
+    cfg = build_config(load_yaml(str(ROOT / "config.yaml")), {"models": "x=/m/x"}, env={})
+    assert cfg.port == 8100 and cfg.heartbeat_interval == 5
+
+
+def test_unknown_model_path_exits_with_one_line_reason(tmp_path):
+    r = run_worker("--models", f"good={tmp_path}/missing-model", "--port", "0")
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("worker: error:")]
+    assert len(err) == 1 and "missing-model" in err[0], r.stderr[-2000:]
+
+
+def test_port_in_use_exits_with_one_line_reason(model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_worker("--models", str(model_dir / "tiny-llama"), "--host", "127.0.0.1", "--port", str(port))
+    assert r.returncode == 1
+    assert "worker: error: cannot listen on 127.0.0.1" in r.stderr
