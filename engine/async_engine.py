@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import InvalidParameter, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +24,23 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Thread-backed engine loop with per-request async streams.
 
-    ``generate`` validates synchronously (bad parameters raise in the caller before anything is
-    scheduled), then yields a :class:`RequestOutput` every step the request makes progress. Leaving
-    the ``async for`` early (client gone, task cancelled) aborts the request and frees its blocks.
+    Only the engine thread touches the engine. Callers talk to it through an inbox (add, abort,
+    call) that the thread drains between steps, so the event loop never waits for a forward pass.
+    ``generate`` validates in the caller (bad parameters raise before anything is scheduled), then
+    yields a :class:`RequestOutput` every step the request makes progress. Leaving the
+    ``async for`` early (client gone, task cancelled) aborts the request and frees its blocks.
     A failing step fails the requests in it and the loop carries on.
     """
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
         self._ids = itertools.count()
+        self._stats = engine.stats()
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -44,22 +50,32 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self.dead is None and self._thread.is_alive()
 
+    def stats(self) -> dict:
+        """Snapshot of the engine's load, refreshed after every step (never blocks)."""
+        return self._stats
+
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
                        prefix_salt: bytes = b"") -> AsyncIterator[RequestOutput]:
         if not self.is_alive:
             raise EngineDeadError(f"engine is not running: {self.dead}")
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise InvalidParameter("prompt", "either prompt or prompt_token_ids is required")
+            prompt_token_ids = self.engine.tokenize(prompt)
+        self.engine.validate_prompt(prompt_token_ids, params)
         rid = request_id or f"req-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(rid, prompt=prompt, prompt_token_ids=prompt_token_ids,
-                                    params=params, prefix_salt=prefix_salt)
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
+        queue_: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            if rid in self._streams:
+                raise InvalidParameter("request_id", f"request id {rid!r} is already running")
+            self._streams[rid] = (asyncio.get_running_loop(), queue_)
+        self._send(("add", rid, prompt, list(prompt_token_ids), params, prefix_salt))
         finished = False
         try:
             while True:
-                item = await queue.get()
+                item = await queue_.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -72,14 +88,16 @@ class AsyncEngine:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.engine.abort(request_id)
+        with self._streams_lock:
             self._streams.pop(request_id, None)
+        self._send(("abort", request_id))
 
-    def call(self, fn, *args, **kwargs):
-        """Run ``fn(engine, ...)`` under the engine lock (stats, tokenization)."""
-        with self._lock:
-            return fn(self.engine, *args, **kwargs)
+    def call(self, fn, *args, timeout: float | None = 60.0, **kwargs):
+        """Run ``fn(engine, ...)`` on the engine thread between steps and return its result.
+        Blocks the caller: for tests and tools, not for the event loop."""
+        fut: Future = Future()
+        self._send(("call", fut, fn, args, kwargs))
+        return fut.result(timeout)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still running end with an EngineDeadError."""
@@ -88,46 +106,80 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     # -- loop ------------------------------------------------------------------------------------
+    def _send(self, msg) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
+
     def _deliver(self, rid: str, item) -> None:
-        entry = self._streams.get(rid)
+        with self._streams_lock:
+            entry = self._streams.get(rid)
+            if entry is not None and (isinstance(item, BaseException) or item.finished):
+                del self._streams[rid]
         if entry is None:
             return
-        loop, queue = entry
-        if isinstance(item, BaseException) or item.finished:
-            self._streams.pop(rid, None)
+        loop, queue_ = entry
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue_.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed; nobody is listening
             pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = msg[0]
+            if kind == "add":
+                _, rid, prompt, ids, params, salt = msg
+                with self._streams_lock:
+                    wanted = rid in self._streams
+                if not wanted:  # aborted before it was ever added
+                    continue
+                try:
+                    self.engine.add_request(rid, prompt=prompt, prompt_token_ids=ids, params=params,
+                                            prefix_salt=salt)
+                except Exception as e:
+                    self._deliver(rid, e)
+            elif kind == "abort":
+                self.engine.abort(msg[1])
+            elif kind == "call":
+                _, fut, fn, args, kwargs = msg
+                try:
+                    fut.set_result(fn(self.engine, *args, **kwargs))
+                except Exception as e:
+                    fut.set_exception(e)
 
     def _run(self) -> None:
         try:
             while not self._stop:
-                with self._lock:
-                    busy = self.engine.has_unfinished_requests()
-                if not busy:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._stats = self.engine.stats()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                with self._lock:
-                    try:
-                        outs = self.engine.step()
-                    except Exception as e:  # a scheduler/sampler bug: fail what is in flight, go on
-                        log.exception("engine step failed")
-                        outs = []
-                        for rid in list(self.engine.requests):
-                            self.engine.abort(rid)
-                            self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
-                    for out in outs:
-                        self._deliver(out.request_id, out.error if out.error is not None else out)
+                try:
+                    outs = self.engine.step()
+                except Exception as e:  # a scheduler/sampler bug: fail what is in flight, go on
+                    log.exception("engine step failed")
+                    outs = []
+                    for rid in list(self.engine.requests):
+                        self.engine.abort(rid)
+                        self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
+                for out in outs:
+                    self._deliver(out.request_id, out.error if out.error is not None else out)
+                self._stats = self.engine.stats()
         except BaseException as e:  # pragma: no cover - unrecoverable
             self.dead = e
             log.exception("engine loop died")
         finally:
             err = EngineDeadError("engine shut down" if self.dead is None else f"engine died: {self.dead}")
-            if self.dead is None and self._stop:
+            if self.dead is None:
                 self.dead = err
-            with self._lock:
-                for rid in list(self._streams):
-                    self.engine.abort(rid)
-                    self._deliver(rid, err)
+            self._drain_inbox()
+            with self._streams_lock:
+                rids = list(self._streams)
+            for rid in rids:
+                self.engine.abort(rid)
+                self._deliver(rid, err)

@@ -2,6 +2,7 @@
 
     python scripts/make_tiny_models.py --out models            # tiny llama, qwen2, qwen3, mistral
     python scripts/make_tiny_models.py --out models --bench    # also the ~150M benchmark Llama
+    python scripts/make_tiny_models.py --out models --serve-bench  # the serving-benchmark Llama
 
 Every model directory holds a byte-level BPE tokenizer (trained here on text from Python's own
 docstrings plus some multilingual samples), a ChatML chat template and a generation_config whose
@@ -62,7 +63,7 @@ def train_tokenizer(vocab_size: int):
     return fast
 
 
-def make_config(kind: str, vocab: int, eos: list[int], big: bool = False):
+def make_config(kind: str, vocab: int, eos: list[int], big: bool | str = False):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if big:  # the benchmark model: ~150M parameters
@@ -84,16 +85,18 @@ def make_config(kind: str, vocab: int, eos: list[int], big: bool = False):
     raise ValueError(kind)
 
 
-def build(out: Path, kind: str, tokenizer, big: bool = False, dtype: str = "float32") -> Path:
+def build(out: Path, kind: str, tokenizer, big: bool | str = False, dtype: str = "float32") -> Path:
+    """``big``: False (tiny), True (the 150M engine-bench model, vocab 32000) or "serve" (the
+    same shape with the tokenizer's own vocabulary, so every sampled token decodes to text)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    name = f"bench-llama-150m" if big else f"tiny-{kind}"
+    name = {True: "bench-llama-150m", "serve": "bench-llama-serve"}.get(big, f"tiny-{kind}")
     path = out / name
     if (path / "config.json").exists():
         return path
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    vocab = 32000 if big else len(tokenizer)
+    vocab = 32000 if big is True else len(tokenizer)
     cfg = make_config(kind, vocab, eos, big)
     torch.manual_seed(1234 + TINY_KINDS.index(kind) + (100 if big else 0))
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="models", type=Path)
     ap.add_argument("--kinds", default=",".join(TINY_KINDS))
     ap.add_argument("--bench", action="store_true", help="also build the ~150M bfloat16 Llama")
+    ap.add_argument("--serve-bench", action="store_true",
+                    help="also the serving-benchmark Llama (same shape, tokenizer-sized vocab)")
     ap.add_argument("--vocab-size", type=int, default=1024)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(build(args.out, kind, tok))
     if args.bench:
         print(build(args.out, "llama", tok, big=True, dtype="bfloat16"))
+    if args.serve_bench:
+        print(build(args.out, "llama", tok, big="serve", dtype="bfloat16"))
     return 0
 
 

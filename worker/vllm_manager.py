@@ -42,7 +42,7 @@ class ServedModel:
     def stats(self) -> dict:
         if self.kind != "generate":
             return {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0}
-        return self.engine.call(lambda e: e.stats())
+        return self.engine.stats()
 
 
 def _read_template(value: str | None) -> str | None:
