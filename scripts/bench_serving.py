@@ -104,8 +104,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Result
     except httpx.HTTPError as e:
         return Result(False, error=type(e).__name__)
     end = time.perf_counter()
-    if first is None:
-        return Result(False, error="no tokens streamed")
+    if first is None:  # tokens may still have been generated (usage says): count them, fail it
+        return Result(False, latency=end - start, output_tokens=tokens, error="no text streamed")
     return Result(True, ttft=first - start, latency=end - start, output_tokens=tokens or body["max_tokens"],
                   gaps=gaps)
 
@@ -143,7 +143,7 @@ def summarize(results: list[Result], wall: float) -> dict:
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     gaps = [g for r in ok for g in r.gaps]
     return {"ok": len(ok), "failed": len(results) - len(ok), "wall_s": wall,
-            "out_tok_s": sum(r.output_tokens for r in ok) / wall,
+            "out_tok_s": sum(r.output_tokens for r in results) / wall,
             "ttft_p50": pct([r.ttft for r in ok], 50), "ttft_p99": pct([r.ttft for r in ok], 99),
             "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
             "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
