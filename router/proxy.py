@@ -18,6 +18,7 @@ from worker.errors import error_response
 from .inflight import InFlight
 from .metrics import RouterMetrics
 from .policies import Picker
+from .transport import LeanTransport
 from .state import RegistryView
 
 log = logging.getLogger("router.proxy")
@@ -76,8 +77,7 @@ class Proxy:
         self.max_attempts = max_attempts
         headers = {"Authorization": f"Bearer {worker_token}"} if worker_token else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=3.0),
-                                        limits=httpx.Limits(max_connections=1024,
-                                                            max_keepalive_connections=256))
+                                        transport=LeanTransport(), trust_env=False)
 
     async def close(self) -> None:
         await self.client.aclose()

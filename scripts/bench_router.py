@@ -1,0 +1,136 @@
+"""What the router costs: the same workload direct to a worker and through the manager's router.
+
+    python scripts/make_tiny_models.py --out models --serve-bench
+    python scripts/bench_router.py
+
+Starts a manager (embedded Redis) and one worker serving a tiny model and the serving-benchmark
+model, then runs, alternating direct and routed rounds so drift hits both alike:
+  1. 1-token non-streaming completions at concurrency 32 (tiny model): latency p50/p99 and the
+     router's added latency (routed minus direct, per percentile);
+  2. streaming completions at concurrency 16 (serving-benchmark model): output tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_serving import Server, free_port, pct  # noqa: E402
+
+
+async def latency_round(url: str, model: str, n: int, concurrency: int) -> list[float]:
+    lat: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i):
+            async with sem:
+                t = time.perf_counter()
+                r = await c.post(url, json={"model": model, "prompt": f"ping {i}", "max_tokens": 1,
+                                            "temperature": 0})
+                lat.append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text[:200]
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return lat
+
+
+async def stream_round(url: str, model: str, n: int, concurrency: int, max_tokens: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    tokens = 0
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i):
+            nonlocal tokens
+            async with sem:
+                body = {"model": model, "prompt": f"tell me a story number {i} " * 8, "max_tokens": max_tokens,
+                        "stream": True, "ignore_eos": True, "temperature": 0,
+                        "stream_options": {"include_usage": True}}
+                async with c.stream("POST", url, json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {") and '"usage":{' in line:
+                            tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return tokens / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny-model", default="models/tiny-llama")
+    ap.add_argument("--stream-model", default="models/bench-llama-serve")
+    ap.add_argument("--requests", type=int, default=640, help="1-token requests per round")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stream-requests", type=int, default=32)
+    ap.add_argument("--stream-concurrency", type=int, default=16)
+    ap.add_argument("--stream-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
+    mport, wport = free_port(), free_port()
+    mgr = Server([sys.executable, "-m", "manager", "--host", "127.0.0.1", "--port", str(mport),
+                  "--data-dir", str(tmp / "redis"), "--log-level", "warning"], tmp / "manager.log")
+    cfg = tmp / "worker.yaml"
+    cfg.write_text("engine_defaults:\n  max_num_seqs: 32\nworker:\n  cpu_kv_cache_memory: 512MiB\n")
+    worker = None
+    try:
+        mgr.wait(f"http://127.0.0.1:{mport}/health")
+        worker = Server([sys.executable, "-m", "worker", "--models",
+                         f"tiny={args.tiny_model},stream={args.stream_model}", "--host", "127.0.0.1",
+                         "--port", str(wport), "--config", str(cfg), "--manager-url",
+                         f"http://127.0.0.1:{mport}", "--heartbeat-interval", "1", "--log-level", "warning"],
+                        tmp / "worker.log")
+        worker.wait(f"http://127.0.0.1:{wport}/health")
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"http://127.0.0.1:{mport}/v1/models").json()["data"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker never registered")
+            time.sleep(0.2)
+        direct = f"http://127.0.0.1:{wport}/v1/completions"
+        routed = f"http://127.0.0.1:{mport}/v1/completions"
+        print(f"cpu_cores={os.cpu_count()} requests/round={args.requests} concurrency={args.concurrency} "
+              f"rounds={args.rounds}", flush=True)
+        for url in (direct, routed):  # warm-up
+            asyncio.run(latency_round(url, "tiny", 64, args.concurrency))
+        lat = {"direct": [], "router": []}
+        for _ in range(args.rounds):
+            for name, url in (("direct", direct), ("router", routed)):
+                lat[name] += asyncio.run(latency_round(url, "tiny", args.requests, args.concurrency))
+        tps = {"direct": [], "router": []}
+        for _ in range(2):
+            for name, url in (("direct", direct), ("router", routed)):
+                tps[name].append(asyncio.run(stream_round(url, "stream", args.stream_requests,
+                                                          args.stream_concurrency, args.stream_tokens)))
+    finally:
+        if worker:
+            worker.stop()
+        mgr.stop()
+    p = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in lat.items()}
+    s = {k: sum(v) / len(v) for k, v in tps.items()}
+    print()
+    print("| path | 1-token latency p50 (ms) | p99 (ms) | streaming output tok/s |")
+    print("|---|---:|---:|---:|")
+    for k in ("direct", "router"):
+        print(f"| {k} | {p[k][0]:.2f} | {p[k][1]:.2f} | {s[k]:.1f} |")
+    print(f"\nadded by the router: p50 {p['router'][0] - p['direct'][0]:+.2f} ms, "
+          f"p99 {p['router'][1] - p['direct'][1]:+.2f} ms; streaming throughput "
+          f"{100 * s['router'] / s['direct']:.1f}% of direct")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
