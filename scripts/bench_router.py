@@ -110,6 +110,10 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for name, url in (("direct", direct), ("router", routed)):
                 lat[name] += asyncio.run(latency_round(url, "tiny", args.requests, args.concurrency))
+        solo = {"direct": [], "router": []}  # unloaded: the bare cost of the extra hop
+        for _ in range(args.rounds):
+            for name, url in (("direct", direct), ("router", routed)):
+                solo[name] += asyncio.run(latency_round(url, "tiny", 100, 1))
         tps = {"direct": [], "router": []}
         for _ in range(2):
             for name, url in (("direct", direct), ("router", routed)):
@@ -120,13 +124,17 @@ def main(argv=None) -> int:
             worker.stop()
         mgr.stop()
     p = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in lat.items()}
+    q = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in solo.items()}
     s = {k: sum(v) / len(v) for k, v in tps.items()}
     print()
-    print("| path | 1-token latency p50 (ms) | p99 (ms) | streaming output tok/s |")
-    print("|---|---:|---:|---:|")
+    print(f"| path | 1-token p50 (ms), c={args.concurrency} | p99 (ms), c={args.concurrency} | "
+          f"1-token p50 (ms), c=1 | p99 (ms), c=1 | streaming output tok/s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k in ("direct", "router"):
-        print(f"| {k} | {p[k][0]:.2f} | {p[k][1]:.2f} | {s[k]:.1f} |")
-    print(f"\nadded by the router: p50 {p['router'][0] - p['direct'][0]:+.2f} ms, "
+        print(f"| {k} | {p[k][0]:.2f} | {p[k][1]:.2f} | {q[k][0]:.2f} | {q[k][1]:.2f} | {s[k]:.1f} |")
+    print(f"\nunloaded (c=1) hop cost: p50 {q['router'][0] - q['direct'][0]:+.2f} ms, "
+          f"p99 {q['router'][1] - q['direct'][1]:+.2f} ms")
+    print(f"added by the router at c={args.concurrency}: p50 {p['router'][0] - p['direct'][0]:+.2f} ms, "
           f"p99 {p['router'][1] - p['direct'][1]:+.2f} ms; streaming throughput "
           f"{100 * s['router'] / s['direct']:.1f}% of direct")
     return 0
