@@ -13,8 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from manager.registry import Registry
-from worker.api import BodyLimit
-from worker.errors import APIError, error_response, install as install_errors
+from worker.errors import APIError, BodyLimit, error_response, install as install_errors
 
 from .inflight import InFlight
 from .metrics import RouterMetrics

@@ -79,11 +79,21 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-requests", type=int, default=32)
     ap.add_argument("--stream-concurrency", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the worker to core 0 and the manager and load generator to the others "
+                         "(separate-host emulation; on 2 cores it starves the front end instead)")
     args = ap.parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cores) >= 2
+    worker_cpus, front_cpus = ({cores[0]}, set(cores[1:])) if pin else (set(cores), set(cores))
+
+    def pinned(cpus):
+        return lambda: os.sched_setaffinity(0, cpus)
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
     mport, wport = free_port(), free_port()
     mgr = Server([sys.executable, "-m", "manager", "--host", "127.0.0.1", "--port", str(mport),
-                  "--data-dir", str(tmp / "redis"), "--log-level", "warning"], tmp / "manager.log")
+                  "--data-dir", str(tmp / "redis"), "--log-level", "warning"], tmp / "manager.log",
+                 preexec=pinned(front_cpus))
     cfg = tmp / "worker.yaml"
     cfg.write_text("engine_defaults:\n  max_num_seqs: 32\nworker:\n  cpu_kv_cache_memory: 512MiB\n")
     worker = None
@@ -93,7 +103,8 @@ def main(argv=None) -> int:
                          f"tiny={args.tiny_model},stream={args.stream_model}", "--host", "127.0.0.1",
                          "--port", str(wport), "--config", str(cfg), "--manager-url",
                          f"http://127.0.0.1:{mport}", "--heartbeat-interval", "1", "--log-level", "warning"],
-                        tmp / "worker.log")
+                        tmp / "worker.log", preexec=pinned(worker_cpus))
+        os.sched_setaffinity(0, front_cpus)  # the load generator sits with the router, not the worker
         worker.wait(f"http://127.0.0.1:{wport}/health")
         deadline = time.monotonic() + 30
         while not httpx.get(f"http://127.0.0.1:{mport}/v1/models").json()["data"]:
@@ -103,7 +114,8 @@ def main(argv=None) -> int:
         direct = f"http://127.0.0.1:{wport}/v1/completions"
         routed = f"http://127.0.0.1:{mport}/v1/completions"
         print(f"cpu_cores={os.cpu_count()} requests/round={args.requests} concurrency={args.concurrency} "
-              f"rounds={args.rounds}", flush=True)
+              f"rounds={args.rounds} worker_cpus={sorted(worker_cpus)} manager+client_cpus={sorted(front_cpus)}",
+              flush=True)
         for url in (direct, routed):  # warm-up
             asyncio.run(latency_round(url, "tiny", 64, args.concurrency))
         lat = {"direct": [], "router": []}

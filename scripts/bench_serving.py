@@ -151,11 +151,11 @@ def summarize(results: list[Result], wall: float) -> dict:
 
 
 class Server:
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, preexec=None):
         self.log = open(log, "w")
         self.p = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=preexec)
 
     def wait(self, url: str, timeout: float = 300):
         deadline = time.monotonic() + timeout

@@ -14,52 +14,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import errors, serving
 from .config import WorkerConfig
-from .errors import APIError, error_response
+from engine.sampling_params import InvalidParameter
+
+from .errors import APIError, BodyLimit, error_response
 from .metrics import WorkerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                        TokenizeRequest)
-from .vllm_manager import ServedModel, VLLMManager
+from .vllm_manager import ServedModel, UnknownModel, VLLMManager
 
 log = logging.getLogger("worker")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``limit`` bytes, by header or by counting chunks."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for k, v in scope.get("headers", []):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                return await self._reject(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send):
-        resp = error_response(413, f"request body exceeds {self.limit} bytes", None, "request_too_large")
-        await resp({"type": "http"}, None, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def bearer_checker(tokens: list[str]):
@@ -113,6 +78,15 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
     app = FastAPI(title="llm-cluster worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.manager, app.state.metrics = manager, metrics
     errors.install(app)
+
+    @app.exception_handler(InvalidParameter)
+    async def _invalid(_: Request, e: InvalidParameter):
+        return error_response(400, str(e), e.param)
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown(_: Request, e: UnknownModel):
+        return error_response(404, f"The model `{e.args[0]}` does not exist.", "model", "model_not_found")
+
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     auth = Depends(bearer_checker([config.worker_token] if config.worker_token else []))
 

@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+"""OpenAI-shaped errors (``{"error": {"message", "type", "param", "code"}}``) and the request-size
+limit, shared by the worker and the router. Imports nothing heavy: the control plane uses it too."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from engine.sampling_params import InvalidParameter
-
-from .vllm_manager import UnknownModel
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -47,14 +44,6 @@ def install(app) -> None:
     async def _api(_: Request, e: APIError):
         return error_response(e.status, e.message, e.param, e.code)
 
-    @app.exception_handler(InvalidParameter)
-    async def _invalid(_: Request, e: InvalidParameter):
-        return error_response(400, str(e), e.param)
-
-    @app.exception_handler(UnknownModel)
-    async def _unknown(_: Request, e: UnknownModel):
-        return error_response(404, f"The model `{e.args[0]}` does not exist.", "model", "model_not_found")
-
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
         errs = e.errors()
@@ -75,3 +64,40 @@ def install(app) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}: {e}", None)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, by header or by counting chunks."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        resp = error_response(413, f"request body exceeds {self.limit} bytes", None, "request_too_large")
+        await resp({"type": "http"}, None, send)
