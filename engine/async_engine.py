@@ -56,7 +56,7 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                       prefix_salt: bytes = b"") -> AsyncIterator[RequestOutput]:
+                       prefix_salt: bytes = b"", mm=None) -> AsyncIterator[RequestOutput]:
         if not self.is_alive:
             raise EngineDeadError(f"engine is not running: {self.dead}")
         params = params or SamplingParams()
@@ -71,7 +71,7 @@ class AsyncEngine:
             if rid in self._streams:
                 raise InvalidParameter("request_id", f"request id {rid!r} is already running")
             self._streams[rid] = (asyncio.get_running_loop(), queue_)
-        self._send(("add", rid, prompt, list(prompt_token_ids), params, prefix_salt))
+        self._send(("add", rid, prompt, list(prompt_token_ids), params, prefix_salt, mm))
         finished = False
         try:
             while True:
@@ -131,14 +131,14 @@ class AsyncEngine:
                 return
             kind = msg[0]
             if kind == "add":
-                _, rid, prompt, ids, params, salt = msg
+                _, rid, prompt, ids, params, salt, mm = msg
                 with self._streams_lock:
                     wanted = rid in self._streams
                 if not wanted:  # aborted before it was ever added
                     continue
                 try:
                     self.engine.add_request(rid, prompt=prompt, prompt_token_ids=ids, params=params,
-                                            prefix_salt=salt)
+                                            prefix_salt=salt, mm=mm)
                 except Exception as e:
                     self._deliver(rid, e)
             elif kind == "abort":

@@ -97,7 +97,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None = None,
                     prompt_token_ids: list[int] | None = None,
-                    params: SamplingParams | None = None, prefix_salt: bytes = b"") -> Request:
+                    params: SamplingParams | None = None, prefix_salt: bytes = b"",
+                    mm=None) -> Request:
+        """Queue a request. ``mm``: a :class:`MultiModalInput` whose image placeholders are already
+        expanded in the prompt (vision-language models only)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"request id {request_id!r} is already running")
@@ -107,9 +110,17 @@ class LLMEngine:
             prompt_token_ids = self.tokenize(prompt)
         prompt_token_ids = list(prompt_token_ids)
         self.validate_prompt(prompt_token_ids, params)
+        if mm is not None:
+            if self.runner.vision is None:
+                raise InvalidParameter("messages", "this model does not accept images")
+            try:
+                self.runner.vision.prepare(prompt_token_ids, mm)
+            except ValueError as e:
+                raise InvalidParameter("messages", str(e)) from e
+            prefix_salt = prefix_salt + mm.salt
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                       params=params, eos_token_ids=self.eos_token_ids,
-                      max_model_len=self.max_model_len, arrival_time=time.monotonic())
+                      max_model_len=self.max_model_len, arrival_time=time.monotonic(), mm=mm)
         seq = self._new_seq(req, 0, prefix_salt)
         req.seqs.append(seq)
         self.requests[request_id] = req

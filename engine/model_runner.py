@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from . import attention
 from .attention import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from .config import EngineConfig
 from .model_loader import check_source, load_error, resolve_device, resolve_dtype
+from .multimodal import VisionAdapter, is_vision_language
 from .scheduler import SchedulerOutput, ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,20 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         impl = attention.register()
+        self.is_vl = is_vision_language(self.hf_config)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                config.model, dtype=self.dtype, attn_implementation=impl,
-                trust_remote_code=config.trust_remote_code)
+            if self.is_vl:  # paged attention for the language model, sdpa for the vision tower
+                model = AutoModelForImageTextToText.from_pretrained(
+                    config.model, dtype=self.dtype, trust_remote_code=config.trust_remote_code,
+                    attn_implementation={"text_config": impl, "vision_config": "sdpa", "": impl})
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    config.model, dtype=self.dtype, attn_implementation=impl,
+                    trust_remote_code=config.trust_remote_code)
         except Exception as e:
             raise load_error(config.model, e) from e
         self.model = model.to(self.device).eval()
+        self.vision = VisionAdapter(self.model, self.hf_config) if self.is_vl else None
         text_cfg = self.hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
         self.num_kv_heads = getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads
@@ -168,9 +176,55 @@ class ModelRunner:
             keep = torch.tensor([input_ids.shape[1] - 1], device=self.device)
         else:
             keep = torch.tensor(rows, device=self.device)
-        out = self.model(input_ids=input_ids, position_ids=positions, paged_attn=meta,
-                         use_cache=False, logits_to_keep=keep)
-        logits = out.logits[0].float()
+        if self.vision is not None:
+            logits = self._execute_vl(order, input_ids, meta, keep)
+        else:
+            out = self.model(input_ids=input_ids, position_ids=positions, paged_attn=meta,
+                             use_cache=False, logits_to_keep=keep)
+            logits = out.logits[0].float()
         if not rows:
             logits = logits[:0]
         return order, logits
+
+    def _execute_vl(self, order: list[ScheduledSeq], input_ids: torch.Tensor, meta: AttentionMetadata,
+                    keep: torch.Tensor) -> torch.Tensor:
+        """Packed forward of a vision-language model: image rows merged, M-RoPE positions."""
+        vis = self.vision
+        # Vision tower for every request whose image tokens are computed for the first time.
+        need = []
+        for s in order:
+            mm = s.seq.request.mm if s.seq.request is not None else None
+            if mm is not None and mm.embeds is None and mm not in need:
+                need.append(mm)
+        vis.encode(need, self.device, self.dtype)
+        embeds = self.model.get_input_embeddings()(input_ids)  # [1, T, H]
+        pos_parts = []
+        visual_rows: list[torch.Tensor] = []
+        deep_parts: list[list[torch.Tensor]] = []
+        t = 0
+        for s in order:
+            a, b = s.start, s.start + s.num_new_tokens
+            seq = s.seq
+            mm = seq.request.mm if seq.request is not None else None
+            pos_parts.append(vis.positions(mm, a, b, seq.num_prompt_tokens, self.device))
+            if mm is not None and a < seq.num_prompt_tokens:
+                cum = mm.extra["cum"]
+                first, last = cum[a], cum[min(b, seq.num_prompt_tokens)]
+                if last > first:
+                    ids = input_ids[0, t:t + (b - a)]
+                    rows = (ids == vis.image_token_id).nonzero().squeeze(1) + t
+                    embeds[0, rows] = mm.embeds[first:last].to(embeds.dtype)
+                    if "deepstack" in mm.extra:
+                        visual_rows.append(rows)
+                        deep_parts.append([d[first:last] for d in mm.extra["deepstack"]])
+            t += b - a
+        positions = torch.cat(pos_parts, dim=1).unsqueeze(1)  # [3, 1, T]
+        extra = {}
+        if visual_rows:  # rows were collected in ascending order, as the mask enumerates them
+            mask = torch.zeros(1, input_ids.shape[1], dtype=torch.bool, device=self.device)
+            mask[0, torch.cat(visual_rows)] = True
+            extra = {"visual_pos_masks": mask,
+                     "deepstack_visual_embeds": [torch.cat(layer) for layer in zip(*deep_parts)]}
+        hidden = self.model.model.language_model(inputs_embeds=embeds, position_ids=positions,
+                                                 paged_attn=meta, use_cache=False, **extra).last_hidden_state
+        return self.model.lm_head(hidden[0, keep]).float()

@@ -81,6 +81,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     error: BaseException | None = None
+    mm: Any = None  # MultiModalInput of a vision-language request
 
     @property
     def is_finished(self) -> bool:

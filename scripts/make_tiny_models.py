@@ -22,18 +22,21 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ('image', 'image_url') %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
 MULTILINGUAL = [
     "Grüße aus München, schöne Straße und Käse.", "Café crème, déjà vu, naïve façade.",
     "你好，世界。今天天气很好，我们去公园散步吧。", "こんにちは、世界。東京は大きな都市です。",
     "Привет, мир! Как дела?", "مرحبا بالعالم", "emoji: 🙂 🚀 🎉 👍 ❤️", "Ελληνικά γράμματα αβγδ",
 ]
 TINY_KINDS = ("llama", "qwen2", "qwen3", "mistral")
+VL_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
 def corpus() -> list[str]:
@@ -107,10 +110,72 @@ def build(out: Path, kind: str, tokenizer, big: bool | str = False, dtype: str =
     return path
 
 
+def make_vl_config(kind: str, tokenizer, eos: list[int]):
+    """Tiny random Qwen-VL family configs (vision tower and language model both tiny)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    tid = tokenizer.convert_tokens_to_ids
+    ids = dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+               vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                eos_token_id=eos[0], pad_token_id=eos[-1], bos_token_id=None, initializer_range=0.2)
+    if kind == "qwen2-vl":
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_chans=3, initializer_range=0.2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    if kind == "qwen2.5-vl":
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1], in_channels=3, initializer_range=0.2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    if kind == "qwen3-vl":
+        text.update(head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                               "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0], in_channels=3, initializer_range=0.2)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    raise ValueError(kind)
+
+
+def build_vl(out: Path, kind: str, tokenizer) -> Path:
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    path = out / f"tiny-{kind}"
+    if (path / "config.json").exists():
+        return path
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    cfg = make_vl_config(kind, tokenizer, eos)
+    torch.manual_seed(4321 + VL_KINDS.index(kind))
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[-1], do_sample=False)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor(kind).save_pretrained(path)
+    return path
+
+
+def image_processor(kind: str):
+    """The family's PIL image processor (no torchvision here), sized for tiny test images."""
+    patch = 16 if kind == "qwen3-vl" else 14
+    if kind == "qwen3-vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as P
+    else:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as P
+    side = patch * 2
+    return P(patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=side * side,
+             max_pixels=(side * 4) ** 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models", type=Path)
-    ap.add_argument("--kinds", default=",".join(TINY_KINDS))
+    ap.add_argument("--kinds", default=",".join(TINY_KINDS + VL_KINDS))
     ap.add_argument("--bench", action="store_true", help="also build the ~150M bfloat16 Llama")
     ap.add_argument("--serve-bench", action="store_true",
                     help="also the serving-benchmark Llama (same shape, tokenizer-sized vocab)")
@@ -119,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(args.vocab_size)
     for kind in filter(None, args.kinds.split(",")):
-        print(build(args.out, kind, tok))
+        print(build_vl(args.out, kind, tok) if kind in VL_KINDS else build(args.out, kind, tok))
     if args.bench:
         print(build(args.out, "llama", tok, big=True, dtype="bfloat16"))
     if args.serve_bench:
