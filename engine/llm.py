@@ -61,8 +61,12 @@ class LLM:
                 if isinstance(prompt, str):
                     self.engine.add_request(rid, prompt=prompt, params=sp)
                 else:
-                    self.engine.add_request(rid, prompt=prompt.get("prompt"),
-                                            prompt_token_ids=prompt.get("prompt_token_ids"), params=sp)
+                    token_ids, mm = prompt.get("prompt_token_ids"), None
+                    images = prompt.get("multi_modal_data", {}).get("image")
+                    if images is not None:  # vLLM's shape: {"prompt": ..., "multi_modal_data": {"image": [...]}}
+                        token_ids, mm = self._images(prompt, images)
+                    self.engine.add_request(rid, prompt=prompt.get("prompt"), prompt_token_ids=token_ids,
+                                            params=sp, mm=mm)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -79,6 +83,27 @@ class LLM:
                     raise RuntimeError(f"request {out.request_id} failed: {out.error}") from out.error
         bar.close()
         return [results[r] for r in ids]
+
+    def _images(self, prompt: dict, images):
+        """Encode PIL images of a prompt dict; placeholders in the prompt are expanded."""
+        import io
+
+        from .multimodal import ImagePreprocessor
+
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if getattr(self, "_pre", None) is None:
+            self._pre = ImagePreprocessor(self.config.model, self.engine.runner.hf_config)
+        raw = []
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            raw.append(buf.getvalue())
+        mm = self._pre(list(images), raw)
+        ids = prompt.get("prompt_token_ids")
+        if ids is None:
+            ids = self.engine.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
+        return self._pre.expand(list(ids), mm), mm
 
     def embed(self, texts: str | Seq[str]) -> list[list[float]]:
         """Embedding vectors, one per text (pooling and normalisation as the model's config says)."""

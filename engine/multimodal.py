@@ -103,3 +103,36 @@ class VisionAdapter:
             gen = torch.arange(max(start, prompt_len), end, device=device) + seq_mm.rope_delta
             parts.append(gen.unsqueeze(0).expand(3, -1))
         return torch.cat(parts, dim=1)
+
+
+class ImagePreprocessor:
+    """The model's own PIL image processor (``AutoImageProcessor`` with the PIL backend: there is
+    no torchvision here, and ``AutoProcessor`` would silently return only the tokenizer)."""
+
+    def __init__(self, model_path: str, hf_config):
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(model_path, backend="pil")
+        self.image_token_id = hf_config.image_token_id
+        self.merge = hf_config.vision_config.spatial_merge_size
+
+    def __call__(self, images: list, raw: list[bytes]) -> MultiModalInput:
+        """PIL images (and their encoded bytes, for hashing) -> a request's multimodal input."""
+        out = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        return MultiModalInput(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
+                               image_hashes=[image_hash(b) for b in raw])
+
+    def expand(self, prompt_ids: list[int], mm: MultiModalInput) -> list[int]:
+        """Replace the i-th image placeholder token by as many copies as image i has patches."""
+        counts = (mm.image_grid_thw.prod(-1) // self.merge ** 2).tolist()
+        n_ph = prompt_ids.count(self.image_token_id)
+        if n_ph != len(counts):
+            raise ValueError(f"the prompt has {n_ph} image placeholders for {len(counts)} images")
+        out, k = [], 0
+        for t in prompt_ids:
+            if t == self.image_token_id:
+                out += [t] * counts[k]
+                k += 1
+            else:
+                out.append(t)
+        return out
