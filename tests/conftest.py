@@ -92,3 +92,22 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
                              min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_vl(model_dir):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    from engine.multimodal import ImagePreprocessor
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            path = model_dir / f"tiny-{kind}"
+            cfg = AutoConfig.from_pretrained(path)
+            cache[kind] = (AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(),
+                           AutoTokenizer.from_pretrained(path), ImagePreprocessor(str(path), cfg))
+        return cache[kind]
+
+    return get

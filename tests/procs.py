@@ -66,10 +66,10 @@ class Proc:
 
 
 def start_worker(tmp: Path, models: str, *extra: str, env: dict | None = None,
-                 ready_headers: dict | None = None) -> tuple[Proc, str]:
+                 ready_headers: dict | None = None, worker_yaml: str = "") -> tuple[Proc, str]:
     port = free_port()
     cfg = tmp / f"worker-{port}.yaml"
-    cfg.write_text("worker:\n  cpu_kv_cache_memory: 8MiB\n  max_body_bytes: 1MiB\n"
+    cfg.write_text("worker:\n  cpu_kv_cache_memory: 8MiB\n  max_body_bytes: 1MiB\n" + worker_yaml +
                    "engine_defaults:\n  max_num_seqs: 16\n  dtype: float32\n")
     proc = Proc(["-m", "worker", "--models", models, "--host", "127.0.0.1", "--port", str(port),
                  "--config", str(cfg), *extra], tmp / f"worker-{port}.log", env)

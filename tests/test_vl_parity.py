@@ -25,23 +25,6 @@ def png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def hf_vl(model_dir):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
-
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            path = model_dir / f"tiny-{kind}"
-            cfg = AutoConfig.from_pretrained(path)
-            cache[kind] = (AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(),
-                           AutoTokenizer.from_pretrained(path), ImagePreprocessor(str(path), cfg))
-        return cache[kind]
-
-    return get
-
-
 def chat_prompt(tok, n_images: int, text: str) -> str:
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
     return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,

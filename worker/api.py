@@ -17,6 +17,7 @@ from .config import WorkerConfig
 from engine.sampling_params import InvalidParameter
 
 from .errors import APIError, BodyLimit, error_response
+from .media import MediaPolicy
 from .metrics import WorkerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                        TokenizeRequest)
@@ -61,6 +62,8 @@ async def until_disconnect(request: Request, coro):
 def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> FastAPI:
     """Build the app. ``registrar`` (optional) joins the cluster on start-up, leaves on shutdown."""
     metrics = WorkerMetrics(manager.load_report)
+    media = MediaPolicy(media_dirs=list(config.media_dirs), allowed_domains=list(config.allowed_image_domains),
+                        max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,11 +121,11 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: ChatCompletionRequest, request: Request):
         served = model_of(req.model, "generate")
-        ids, params = serving.prepare_chat(served, req)
+        ids, params, mm = await serving.prepare_chat(served, req, media)
         if req.stream:
-            return StreamingResponse(serving.chat_stream(served, req, ids, params, metrics),
+            return StreamingResponse(serving.chat_stream(served, req, ids, params, metrics, mm),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return await until_disconnect(request, serving.chat_full(served, req, ids, params, metrics))
+        return await until_disconnect(request, serving.chat_full(served, req, ids, params, metrics, mm))
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest, request: Request):

@@ -65,6 +65,10 @@ class WorkerConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_memory: int = 256 * 2**20  # per model, when the model sets none
     max_body_bytes: int = 32 * 2**20
+    media_dirs: list[str] = field(default_factory=list)  # file:// images are read only under these
+    allowed_image_domains: list[str] = field(default_factory=list)  # http(s) images only from these
+    max_image_bytes: int = 20 * 2**20  # per encoded image
+    max_image_pixels: int = 16_000_000  # per decoded image
     engine_defaults: dict[str, Any] = field(default_factory=dict)
 
     def engine_config(self, m: ModelSettings, device: str) -> EngineConfig:
@@ -144,6 +148,7 @@ def build_config(file_data: dict[str, Any], flags: dict[str, Any], env: dict[str
             setattr(cfg, k, v)
     cfg.cpu_kv_cache_memory = parse_bytes(cfg.cpu_kv_cache_memory)
     cfg.max_body_bytes = parse_bytes(cfg.max_body_bytes)
+    cfg.max_image_bytes = parse_bytes(cfg.max_image_bytes)
     if flags.get("models"):
         by_name = {m.name: m for m in file_models}
         by_source = {m.source: m for m in file_models}

@@ -16,6 +16,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import InvalidParameter
 
 from .errors import APIError
+from .media import MediaPolicy, load_image
 from .metrics import WorkerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields
 from .vllm_manager import ServedModel
@@ -33,12 +34,14 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 # -- prompts -------------------------------------------------------------------------------------
-def _text_of(content) -> str:
+def _content_of(content, images: list | None):
+    """Message content for the chat template. Text parts are joined; with ``images`` (a VL model)
+    image parts stay as ``{"type": "image"}`` placeholders and are collected, in order."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    texts = []
+    texts, parts = [], []
     for i, part in enumerate(content):
         kind = part.get("type")
         if kind == "text":
@@ -46,22 +49,29 @@ def _text_of(content) -> str:
                 raise APIError(400, f"messages content part {i} of type text needs a string 'text'",
                                "messages")
             texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind in ("image_url", "input_image", "image"):
-            raise APIError(400, "this model does not accept images", "messages")
+            if images is None:
+                raise APIError(400, "this model does not accept images", "messages")
+            images.append(part)
+            parts.append({"type": "image"})
         else:
             raise APIError(400, f"unsupported content part type {kind!r}", "messages")
-    return "\n".join(texts)
+    return parts if images is not None and len(parts) != len(texts) else "\n".join(texts)
 
 
 def render_chat(served: ServedModel, messages, add_generation_prompt: bool = True,
-                chat_template: str | None = None) -> list[int]:
-    """Chat messages -> prompt token ids through the model's (or the configured) chat template."""
+                chat_template: str | None = None, images: list | None = None) -> list[int]:
+    """Chat messages -> prompt token ids through the model's (or the configured) chat template.
+    Image parts are appended to ``images`` (VL models) and leave one placeholder each."""
     template = chat_template or served.chat_template
     if not template:
         raise APIError(400, f"model {served.name!r} has no chat template; use /v1/completions or "
                             f"configure chat_template", "messages")
-    msgs = [{"role": m.role, "content": _text_of(m.content), **({"name": m.name} if m.name else {})}
-            for m in messages]
+    if served.images is None:
+        images = None
+    msgs = [{"role": m.role, "content": _content_of(m.content, images),
+             **({"name": m.name} if m.name else {})} for m in messages]
     try:
         text = served.tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                                     add_generation_prompt=add_generation_prompt)
@@ -153,12 +163,12 @@ class Tracker:
 
 
 async def generate(served: ServedModel, ids: list[int], params: SamplingParams, metrics: WorkerMetrics,
-                   prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                   prompt: str | None = None, mm=None) -> AsyncIterator[RequestOutput]:
     """Engine outputs for one prompt, with metrics recorded."""
     tracker = Tracker(metrics, served.name)
     finished = False
     try:
-        async for out in served.engine.generate(prompt=prompt, prompt_token_ids=ids, params=params):
+        async for out in served.engine.generate(prompt=prompt, prompt_token_ids=ids, params=params, mm=mm):
             tracker.on_output(out)
             if out.finished:
                 finished = True
@@ -218,8 +228,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 # -- chat ------------------------------------------------------------------------------------------
-def prepare_chat(served: ServedModel, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
-    ids = render_chat(served, req.messages, req.add_generation_prompt, req.chat_template)
+async def prepare_chat(served: ServedModel, req: ChatCompletionRequest, media: MediaPolicy | None = None
+                       ) -> tuple[list[int], SamplingParams, object]:
+    image_parts: list = []
+    ids = render_chat(served, req.messages, req.add_generation_prompt, req.chat_template, image_parts)
+    mm = None
+    if image_parts:
+        loaded = [await load_image(part, media or MediaPolicy()) for part in image_parts]
+        try:
+            mm = await asyncio.to_thread(served.images, [im for im, _ in loaded], [raw for _, raw in loaded])
+            ids = served.images.expand(ids, mm)
+        except ValueError as e:
+            raise APIError(400, f"images could not be processed: {e}", "messages") from e
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     try:
@@ -229,12 +249,12 @@ def prepare_chat(served: ServedModel, req: ChatCompletionRequest) -> tuple[list[
             raise InvalidParameter("top_logprobs", str(e).replace("logprobs", "top_logprobs", 1)) from e
         raise
     validate_prompt(served, ids, params)
-    return ids, params
+    return ids, params, mm
 
 
 async def chat_full(served: ServedModel, req: ChatCompletionRequest, ids, params,
-                    metrics: WorkerMetrics) -> dict:
-    out = await final_output(generate(served, ids, params, metrics))
+                    metrics: WorkerMetrics, mm=None) -> dict:
+    out = await final_output(generate(served, ids, params, metrics, mm=mm))
     choices = []
     for c in out.outputs:
         choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -246,7 +266,7 @@ async def chat_full(served: ServedModel, req: ChatCompletionRequest, ids, params
 
 
 async def chat_stream(served: ServedModel, req: ChatCompletionRequest, ids, params,
-                      metrics: WorkerMetrics) -> AsyncIterator[str]:
+                      metrics: WorkerMetrics, mm=None) -> AsyncIterator[str]:
     rid, created = new_id("chatcmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
@@ -259,7 +279,7 @@ async def chat_stream(served: ServedModel, req: ChatCompletionRequest, ids, para
     done = [False] * params.n
     completion_tokens = 0
     try:
-        async for out in generate(served, ids, params, metrics):
+        async for out in generate(served, ids, params, metrics, mm=mm):
             for c in out.outputs:
                 i = c.index
                 if done[i]:

@@ -14,6 +14,7 @@ from engine.async_pooling import AsyncPoolingEngine
 from engine.llm_engine import LLMEngine
 from engine.model_loader import ModelLoadError, resolve_device
 from engine.model_runner import ModelRunner
+from engine.multimodal import ImagePreprocessor
 from engine.pooling import PoolingEngine, is_embedding_model
 
 from .config import ModelSettings, WorkerConfig
@@ -37,6 +38,7 @@ class ServedModel:
     tokenizer: object
     chat_template: str | None = None
     kv_capacity_tokens: int = 0
+    images: object = None  # ImagePreprocessor of a vision-language model
     created: int = 0
 
     def stats(self) -> dict:
@@ -95,10 +97,11 @@ class VLLMManager:
                 raise ModelLoadError(f"model {name!r}: {e}") from e
             template = _read_template(m.chat_template) or getattr(eng.tokenizer, "chat_template", None)
             cap = eng.num_kv_blocks * ecfg.block_size
+            images = ImagePreprocessor(m.source, runner.hf_config) if runner.is_vl else None
             self.models[name] = ServedModel(name=name, source=m.source, kind="generate",
                                             max_model_len=eng.max_model_len, engine=AsyncEngine(eng),
                                             tokenizer=eng.tokenizer, chat_template=template,
-                                            kv_capacity_tokens=cap)
+                                            kv_capacity_tokens=cap, images=images)
             log.info("model %s: KV cache %.1f MiB = %d blocks = %d tokens, max_model_len %d",
                      name, eng.num_kv_blocks * runner.bytes_per_block / 2**20, eng.num_kv_blocks, cap,
                      eng.max_model_len)
