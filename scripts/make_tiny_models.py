@@ -162,11 +162,9 @@ def build_vl(out: Path, kind: str, tokenizer) -> Path:
 
 def image_processor(kind: str):
     """The family's PIL image processor (no torchvision here), sized for tiny test images."""
-    patch = 16 if kind == "qwen3-vl" else 14
-    if kind == "qwen3-vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as P
-    else:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as P
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as P
+
+    patch = 16 if kind == "qwen3-vl" else 14  # Qwen3-VL's vision tower uses 16-pixel patches
     side = patch * 2
     return P(patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=side * side,
              max_pixels=(side * 4) ** 2)
