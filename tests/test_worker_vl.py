@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import io
@@ -49,8 +50,9 @@ def vl_worker(model_dir, media_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vlworker")
     yaml = (f"  media_dirs: [{media_dir}]\n  allowed_image_domains: [localhost]\n"
             f"  max_image_pixels: 200000\n")
-    proc, url = start_worker(tmp, f"vl2={model_dir / 'tiny-qwen2-vl'},vl3={model_dir / 'tiny-qwen3-vl'},"
-                                  f"text={model_dir / 'tiny-llama'}", worker_yaml=yaml)
+    proc, url = start_worker(tmp, f"vl2={model_dir / 'tiny-qwen2-vl'},vl25={model_dir / 'tiny-qwen2.5-vl'},"
+                                  f"vl3={model_dir / 'tiny-qwen3-vl'},text={model_dir / 'tiny-llama'}",
+                             worker_yaml=yaml)
     yield url, tmp
     proc.stop()
 
@@ -60,21 +62,41 @@ def client(vl_worker):
     return openai.OpenAI(base_url=f"{vl_worker[0]}/v1", api_key="x", max_retries=0)
 
 
-@pytest.mark.parametrize("name,kind,images", [("vl2", "qwen2-vl", [41]), ("vl3", "qwen3-vl", [42, 43])])
-def test_chat_with_images_matches_transformers(client, hf_vl, name, kind, images):
+FAMILIES = [("vl2", "qwen2-vl"), ("vl25", "qwen2.5-vl"), ("vl3", "qwen3-vl")]
+
+
+def reference(hf_vl, kind, ims, n=12):
     model, tok, pre = hf_vl(kind)
-    ims = [image(s) for s in images]
-    r = client.chat.completions.create(model=name, messages=msg(*map(data_url, ims)), temperature=0,
-                                       max_tokens=12, extra_body={"ignore_eos": True})
     content = [{"type": "image"}] * len(ims) + [{"type": "text", "text": "What is in the picture?"}]
     prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                      add_generation_prompt=True)
-    ref = hf_generate(model, pre, tok, prompt, ims, 12)
-    assert r.choices[0].message.content == tok.decode(ref, skip_special_tokens=True)
+    ref = hf_generate(model, pre, tok, prompt, ims, n)
     mm = pre(ims, [png(i) for i in ims])
     expanded = pre.expand(tok.encode(prompt, add_special_tokens=False), mm)
-    assert r.usage.prompt_tokens == len(expanded)  # counts the expanded image tokens
-    assert r.usage.completion_tokens == 12
+    return tok.decode(ref, skip_special_tokens=True), len(expanded)
+
+
+@pytest.mark.parametrize("name,kind", FAMILIES)
+def test_chat_with_images_matches_transformers(client, vl_worker, hf_vl, name, kind):
+    kw = dict(model=name, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    for seeds in ([41], [42, 43]):  # one image; two images in one message
+        ims = [image(s) for s in seeds]
+        r = client.chat.completions.create(messages=msg(*map(data_url, ims)), **kw)
+        text, n_prompt = reference(hf_vl, kind, ims)
+        assert r.choices[0].message.content == text
+        assert r.usage.prompt_tokens == n_prompt  # counts the expanded image tokens
+        assert r.usage.completion_tokens == 12
+    # Two concurrent requests, same prompt, different images: each matches, and they differ.
+    async def both():
+        c = openai.AsyncOpenAI(base_url=f"{vl_worker[0]}/v1", api_key="x", max_retries=0)
+        rs = await asyncio.gather(*(c.chat.completions.create(messages=msg(data_url(image(s))), **kw)
+                                    for s in (50, 51)))
+        await c.close()
+        return [r.choices[0].message.content for r in rs]
+
+    got = asyncio.run(both())
+    want = [reference(hf_vl, kind, [image(s)])[0] for s in (50, 51)]
+    assert got == want and got[0] != got[1]
 
 
 def test_streaming_with_image_and_text_model_alongside(client):
