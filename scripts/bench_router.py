@@ -69,6 +69,39 @@ async def stream_round(url: str, model: str, n: int, concurrency: int, max_token
         return tokens / (time.perf_counter() - t)
 
 
+def wrk_round(url: str, model: str, concurrency: int, seconds: int, cpus: set[int]) -> dict:
+    """One-token requests from wrk (C, nearly free of client CPU): p50/p99 and requests/s."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk (or use --load-generator python)")
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    body = json.dumps({"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0})
+    script.write_text(f"wrk.method = 'POST'\nwrk.body = '{body}'\n"
+                      f"wrk.headers['Content-Type'] = 'application/json'\n")
+    out = subprocess.run(["taskset", "-c", ",".join(map(str, sorted(cpus))), "wrk", "-t1", f"-c{concurrency}",
+                          f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(v: str) -> float:
+        for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+            if v.endswith(unit):
+                return float(v[:-len(unit)]) * f
+        return float(v)
+
+    res = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("50%", "99%"):
+            res[parts[0]] = ms(parts[1])
+        if line.startswith("Requests/sec:"):
+            res["rps"] = float(parts[1])
+        if "Non-2xx" in line:
+            raise RuntimeError(f"wrk saw errors: {line}")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny-model", default="models/tiny-llama")
@@ -79,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-requests", type=int, default=32)
     ap.add_argument("--stream-concurrency", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--load-generator", choices=["python", "wrk"], default="python",
+                    help="wrk: one-token rounds from wrk (needs Debian's wrk), so client CPU does not "
+                         "distort the comparison")
     ap.add_argument("--pin", action="store_true",
                     help="pin the worker to core 0 and the manager and load generator to the others "
                          "(separate-host emulation; on 2 cores it starves the front end instead)")
@@ -119,9 +155,13 @@ def main(argv=None) -> int:
         for url in (direct, routed):  # warm-up
             asyncio.run(latency_round(url, "tiny", 64, args.concurrency))
         lat = {"direct": [], "router": []}
+        wrk_res = {"direct": [], "router": []}
         for _ in range(args.rounds):
             for name, url in (("direct", direct), ("router", routed)):
-                lat[name] += asyncio.run(latency_round(url, "tiny", args.requests, args.concurrency))
+                if args.load_generator == "wrk":
+                    wrk_res[name].append(wrk_round(url, "tiny", args.concurrency, 8, front_cpus))
+                else:
+                    lat[name] += asyncio.run(latency_round(url, "tiny", args.requests, args.concurrency))
         solo = {"direct": [], "router": []}  # unloaded: the bare cost of the extra hop
         for _ in range(args.rounds):
             for name, url in (("direct", direct), ("router", routed)):
@@ -135,7 +175,12 @@ def main(argv=None) -> int:
         if worker:
             worker.stop()
         mgr.stop()
-    p = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in lat.items()}
+    if args.load_generator == "wrk":  # median over rounds of wrk's own percentiles
+        med = lambda xs: sorted(xs)[len(xs) // 2]
+        p = {k: (med([r["50%"] for r in v]), med([r["99%"] for r in v])) for k, v in wrk_res.items()}
+        print("wrk requests/s (median):", {k: round(med([r["rps"] for r in v])) for k, v in wrk_res.items()})
+    else:
+        p = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in lat.items()}
     q = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in solo.items()}
     s = {k: sum(v) / len(v) for k, v in tps.items()}
     print()
