@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -13,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from manager.registry import WorkerInfo
-from worker.errors import error_response
+from worker.errors import ClientDisconnected, error_response, unless_disconnected
 
 from .inflight import InFlight
 from .metrics import RouterMetrics
@@ -130,14 +129,14 @@ class Proxy:
             headers["x-llmc-worker"] = w.id  # which worker served it: for operators and tests
             if not stream or not resp.headers.get("content-type", "").startswith("text/event-stream"):
                 try:
-                    content = await _read_or_disconnect(request, resp)
+                    content = await unless_disconnected(request, resp.aread())
                 except httpx.HTTPError as e:  # died before we sent a byte: try another worker
                     release()
                     self.breaker.failure(w.id)
                     last_error, status_for_none = f"worker {w.id} failed mid-response ({type(e).__name__})", 502
                     self.metrics.retries.labels(model, "read").inc()
                     continue
-                except _ClientGone:
+                except ClientDisconnected:
                     release()
                     self.metrics.requests.labels(model, endpoint, "499").inc()
                     return Response(status_code=499)
@@ -190,23 +189,3 @@ class Proxy:
             await resp.aclose()  # also what tells the worker a departed client is gone
             release()
             self.metrics.requests.labels(model, endpoint, status).inc()
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _read_or_disconnect(request: Request, resp: httpx.Response) -> bytes:
-    """Read a whole upstream body, giving up (and closing upstream) if the client leaves."""
-    task = asyncio.ensure_future(resp.aread())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise _ClientGone()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)

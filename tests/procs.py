@@ -91,10 +91,10 @@ def start_redis(tmp: Path, port: int | None = None):
     return EmbeddedRedis(port=port or free_port(), persist=False).start()
 
 
-def start_manager(tmp: Path, *args: str, env: dict | None = None) -> tuple[Proc, str]:
+def _start_control(tmp: Path, module: str, args: list[str], env: dict | None) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc(["-m", "manager", "--host", "127.0.0.1", "--port", str(port), *args],
-                tmp / f"manager-{port}.log", env)
+    proc = Proc(["-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+                tmp / f"{module}-{port}.log", env)
     url = f"http://127.0.0.1:{port}"
     try:
         proc.wait_http(f"{url}/health", timeout=60)
@@ -102,19 +102,14 @@ def start_manager(tmp: Path, *args: str, env: dict | None = None) -> tuple[Proc,
         proc.stop()
         raise
     return proc, url
+
+
+def start_manager(tmp: Path, *args: str, env: dict | None = None) -> tuple[Proc, str]:
+    return _start_control(tmp, "manager", list(args), env)
 
 
 def start_router(tmp: Path, redis_url: str, *args: str, env: dict | None = None) -> tuple[Proc, str]:
-    port = free_port()
-    proc = Proc(["-m", "router", "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port), *args],
-                tmp / f"router-{port}.log", env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(f"{url}/health", timeout=60)
-    except Exception:
-        proc.stop()
-        raise
-    return proc, url
+    return _start_control(tmp, "router", ["--redis-url", redis_url, *args], env)
 
 
 def wait_until(pred, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):

@@ -16,7 +16,7 @@ from . import errors, serving
 from .config import WorkerConfig
 from engine.sampling_params import InvalidParameter
 
-from .errors import APIError, BodyLimit, error_response
+from .errors import APIError, BodyLimit, ClientDisconnected, error_response, unless_disconnected
 from .media import MediaPolicy
 from .metrics import WorkerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
@@ -43,20 +43,11 @@ def bearer_checker(tokens: list[str]):
 
 
 async def until_disconnect(request: Request, coro):
-    """Await ``coro`` but cancel it (aborting the engine request) if the client goes away."""
-    task = asyncio.ensure_future(coro)
+    """Await ``coro``; if the client goes away first, abort it and answer 499 (nobody reads it)."""
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                return Response(status_code=499)
-    finally:
-        if not task.done():
-            task.cancel()
+        return await unless_disconnected(request, coro)
+    except ClientDisconnected:
+        return Response(status_code=499)
 
 
 def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> FastAPI:

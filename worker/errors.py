@@ -3,6 +3,8 @@ limit, shared by the worker and the router. Imports nothing heavy: the control p
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -101,3 +103,24 @@ class BodyLimit:
     async def _reject(self, send):
         resp = error_response(413, f"request body exceeds {self.limit} bytes", None, "request_too_large")
         await resp({"type": "http"}, None, send)
+
+
+class ClientDisconnected(Exception):
+    """The client went away while we were waiting on its behalf."""
+
+
+async def unless_disconnected(request: Request, awaitable):
+    """Await ``awaitable``, but cancel it and raise :class:`ClientDisconnected` if the client
+    leaves first (cancelling is what aborts the engine request or closes the upstream one)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
