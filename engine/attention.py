@@ -30,7 +30,7 @@ class PrefillSpan:
     mask: torch.Tensor | None = None  # [n, ctx] causal mask for the cached-context case
 
     def window_mask(self, window: int) -> torch.Tensor:
-        n, total = self.end - self.start, self.ctx_start + self.end - self.start
+        total = self.ctx_start + self.end - self.start
         q_pos = torch.arange(self.ctx_start, total).unsqueeze(1)
         k_pos = torch.arange(total).unsqueeze(0)
         return (k_pos <= q_pos) & (k_pos > q_pos - window)

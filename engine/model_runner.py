@@ -112,7 +112,6 @@ class ModelRunner:
                                                        AttentionMetadata, list[int]]:
         """Order the batch (single-token queries first) and build the step's tensors."""
         dev = self.device
-        bs = self.block_size
         # Single-token queries sorted by context length, so similar lengths share a padded gather.
         singles = sorted((s for s in sched.scheduled if s.num_new_tokens == 1), key=lambda s: s.start)
         multis = [s for s in sched.scheduled if s.num_new_tokens > 1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 
 from router.cli import add_common_args, check_redis, fail, serve, settings_from, setup_logging
 

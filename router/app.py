@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from manager.registry import Registry
 from worker.errors import APIError, BodyLimit, error_response, install as install_errors

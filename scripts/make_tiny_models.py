@@ -12,7 +12,6 @@ eos_token_id is a list.
 from __future__ import annotations
 
 import argparse
-import json
 import pydoc
 import sys
 from pathlib import Path

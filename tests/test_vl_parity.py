@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from engine import SamplingParams
-from engine.multimodal import ImagePreprocessor
 
 KINDS = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 

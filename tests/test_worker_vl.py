@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
-import io
 import threading
 
 import httpx
-import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from procs import start_manager, start_worker, wait_until

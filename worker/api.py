@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from . import errors, serving
 from .config import WorkerConfig
