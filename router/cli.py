@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -59,7 +60,11 @@ def serve(app, settings: RouterSettings) -> None:
 
     from worker.cli import _server_class
 
-    server = _server_class()(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+    from .app import entrypoint
+
+    gc.collect()
+    gc.freeze()  # startup objects live forever: keep full GC passes off the request path
+    server = _server_class()(uvicorn.Config(entrypoint(app), host=settings.host, port=settings.port, log_level="warning",
                                             access_log=False, timeout_graceful_shutdown=10))
     server.run()
 

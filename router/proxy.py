@@ -1,29 +1,32 @@
-"""Forwarding one client request to a worker: pick, retry before the first byte, pass through."""
+"""Forwarding one client request to a worker: pick, retry before the first byte, pass through.
+
+Works on raw ASGI ``send``/``receive`` and :mod:`router.upstream` exchanges: this is the router's
+per-request hot path, so it allocates little and awaits nothing it does not need.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
-from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
-
 from manager.registry import WorkerInfo
-from worker.errors import ClientDisconnected, error_response, unless_disconnected
+from worker.errors import error_body
 
 from .inflight import InFlight
 from .metrics import RouterMetrics
 from .policies import Picker
-from .transport import LeanTransport
 from .state import RegistryView
+from .upstream import Exchange, UpstreamError, UpstreamPool
 
 log = logging.getLogger("router.proxy")
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
-HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+# Not passed back to the client: framing is redone by our server, and it adds its own date/server.
+DROP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 @dataclass
@@ -46,8 +49,9 @@ class Breaker:
         return False
 
     def success(self, wid: str) -> None:
-        self.failures.pop(wid, None)
-        self.opened_at.pop(wid, None)
+        if self.failures:
+            self.failures.pop(wid, None)
+            self.opened_at.pop(wid, None)
 
     def failure(self, wid: str) -> None:
         n = self.failures.get(wid, 0) + 1
@@ -61,131 +65,154 @@ class Breaker:
         return {wid: 1 for wid in self.opened_at}
 
 
+async def send_error(send, status: int, message: str, param: str | None = None, code=None,
+                     headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """A whole OpenAI-shaped error response over raw ASGI."""
+    body = json.dumps(error_body(status, message, param, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": JSON_HEADERS + [(b"content-length", b"%d" % len(body)), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def sse_error(message: str, code: int = 502) -> bytes:
-    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    return f"data: {json.dumps(body)}\n\n".encode()
+    return f"data: {json.dumps(error_body(code, message))}\n\n".encode()
+
+
+class DisconnectWatch:
+    """Waits for the client to leave while we wait on its behalf; aborts the exchange in flight
+    when it does (closing that connection is what cancels the work on the worker)."""
+
+    __slots__ = ("gone", "exchange", "task")
+
+    def __init__(self, receive):
+        self.gone = False
+        self.exchange: Exchange | None = None
+        self.task = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.exchange is not None:
+            self.exchange.abort()
+
+    def stop(self) -> None:
+        self.task.cancel()
 
 
 class Proxy:
-    """Routes requests over the live workers of a model with one shared ``httpx.AsyncClient``."""
+    """Routes requests over the live workers of a model through one shared :class:`UpstreamPool`."""
 
     def __init__(self, view: RegistryView, picker: Picker, inflight: InFlight, metrics: RouterMetrics,
-                 worker_token: str | None = None, max_attempts: int = 3, timeout: float = 600.0):
+                 worker_token: str | None = None, max_attempts: int = 3, connect_timeout: float = 3.0):
         self.view, self.picker, self.inflight, self.metrics = view, picker, inflight, metrics
         self.breaker = Breaker()
         self.max_attempts = max_attempts
-        headers = {"Authorization": f"Bearer {worker_token}"} if worker_token else {}
-        self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=3.0),
-                                        transport=LeanTransport(), trust_env=False)
+        self.pool = UpstreamPool({"authorization": f"Bearer {worker_token}"} if worker_token else None,
+                                 connect_timeout=connect_timeout)
 
-    async def close(self) -> None:
-        await self.client.aclose()
+    def close(self) -> None:
+        self.pool.close()
 
     def _candidates(self, model: str, tried: set[str]) -> list[WorkerInfo]:
         live = [w for w in self.view.live(model) if w.id not in tried]
         allowed = [w for w in live if self.breaker.allows(w.id)]
         return allowed or live  # all breakers open: still try rather than fail outright
 
-    async def forward(self, request: Request, path: str, body: bytes, model: str, stream: bool,
-                      prompt_text: str = "", endpoint: str = "") -> Response:
+    async def forward(self, receive, send, path: str, body: bytes, model: str, prompt_text: str = "",
+                      endpoint: str = "") -> str:
+        """Answer the client from a worker; returns the final status, for the request counter."""
+        watch = DisconnectWatch(receive)
+        try:
+            return await self._forward(watch, send, path, body, model, prompt_text, endpoint)
+        finally:
+            watch.stop()
+
+    async def _forward(self, watch: DisconnectWatch, send, path, body, model, prompt_text, endpoint) -> str:
         tried: set[str] = set()
         start = time.perf_counter()
         last_error = "no live worker serves this model"
         status_for_none = 503
-        for attempt in range(self.max_attempts):
+        m = self.metrics
+        for _ in range(self.max_attempts):
             cands = self._candidates(model, tried)
             if not cands:
                 break
             w = self.picker.pick(model, cands, prompt_text)
             tried.add(w.id)
             self.inflight.inc(w.id)
-            released = False
-
-            def release():
-                nonlocal released
-                if not released:
-                    released = True
-                    self.inflight.dec(w.id)
-
+            ex: Exchange | None = None
             try:
-                req = self.client.build_request("POST", w.url.rstrip("/") + path, content=body,
-                                                headers={"content-type": "application/json"})
-                resp = await self.client.send(req, stream=True)
-            except httpx.HTTPError as e:
-                release()
-                self.breaker.failure(w.id)
-                last_error, status_for_none = f"worker {w.id} unreachable ({type(e).__name__})", 502
-                self.metrics.retries.labels(model, "connect").inc()
-                continue
-            if resp.status_code in RETRY_STATUSES:
-                await resp.aclose()
-                release()
-                if resp.status_code >= 500:
-                    self.breaker.failure(w.id)
-                last_error, status_for_none = f"worker {w.id} answered {resp.status_code}", resp.status_code
-                self.metrics.retries.labels(model, str(resp.status_code)).inc()
-                continue
-            headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
-            headers["x-llmc-worker"] = w.id  # which worker served it: for operators and tests
-            if not stream or not resp.headers.get("content-type", "").startswith("text/event-stream"):
-                try:
-                    content = await unless_disconnected(request, resp.aread())
-                except httpx.HTTPError as e:  # died before we sent a byte: try another worker
-                    release()
-                    self.breaker.failure(w.id)
-                    last_error, status_for_none = f"worker {w.id} failed mid-response ({type(e).__name__})", 502
-                    self.metrics.retries.labels(model, "read").inc()
+                ex = watch.exchange = self.pool.post(w.url, path, body)
+                await ex.start()
+                if ex.status in RETRY_STATUSES:
+                    if ex.status >= 500:
+                        self.breaker.failure(w.id)
+                    last_error, status_for_none = f"worker {w.id} answered {ex.status}", ex.status
+                    m.retries.labels(model, str(ex.status)).inc()
                     continue
-                except ClientDisconnected:
-                    release()
-                    self.metrics.requests.labels(model, endpoint, "499").inc()
-                    return Response(status_code=499)
-                finally:
-                    await resp.aclose()
-                release()
+                headers = [(k, v) for k, v in ex.headers if k.lower() not in DROP_HEADERS]
+                headers.append((b"x-llmc-worker", w.id.encode()))  # which worker served it
+                ctype = ex.header(b"content-type") or b""
+                if not ctype.startswith(b"text/event-stream"):
+                    content = await ex.read()  # whole body first: a failure now can still be retried
+                    self.breaker.success(w.id)
+                    m.latency.labels(model, endpoint).observe(time.perf_counter() - start)
+                    headers.append((b"content-length", b"%d" % len(content)))
+                    await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+                    await send({"type": "http.response.body", "body": content})
+                    return str(ex.status)
+                # Streaming: hold the head until the first chunk, so a worker that dies before
+                # producing anything is still retried invisibly.
+                first = await ex.next_chunk()
+                if first is None:
+                    raise UpstreamError("stream ended before any event")
                 self.breaker.success(w.id)
-                self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - start)
-                self.metrics.requests.labels(model, endpoint, str(resp.status_code)).inc()
-                return Response(content, status_code=resp.status_code, headers=headers)
-            # Streaming: hold the response until the first chunk arrives, so a worker that dies
-            # before producing anything is still retried invisibly.
-            it = resp.aiter_raw()
-            try:
-                first = await it.__anext__()
-            except (httpx.HTTPError, StopAsyncIteration) as e:
-                await resp.aclose()
-                release()
+                m.latency.labels(model, endpoint).observe(time.perf_counter() - start)
+                return await self._relay(watch, send, ex, first, headers, model, w.id)
+            except UpstreamError as e:
+                if watch.gone:
+                    return "499"
                 self.breaker.failure(w.id)
-                last_error, status_for_none = f"worker {w.id} failed before streaming ({type(e).__name__})", 502
-                self.metrics.retries.labels(model, "stream-start").inc()
-                continue
-            self.breaker.success(w.id)
-            self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - start)
-            return StreamingResponse(self._relay(first, it, resp, release, model, endpoint, w.id),
-                                     status_code=resp.status_code, headers=headers)
-        self.metrics.errors.labels(model, "no_worker" if status_for_none == 503 else "upstream").inc()
-        self.metrics.requests.labels(model, endpoint, str(status_for_none)).inc()
+                kind = "connect" if e.kind == "connect" else ("read" if ex.status else "no-response")
+                last_error = f"worker {w.id} failed ({kind}: {e})"
+                status_for_none = 502
+                m.retries.labels(model, kind).inc()
+            finally:
+                if ex is not None:
+                    ex.close()
+                watch.exchange = None
+                self.inflight.dec(w.id)
+        if watch.gone:
+            return "499"
+        m.errors.labels(model, "no_worker" if status_for_none == 503 else "upstream").inc()
         if status_for_none == 503 and not tried:
-            return error_response(503, f"no live worker serves model {model!r}", "model")
-        return error_response(status_for_none if status_for_none in (429, 503) else 502,
-                              f"all attempts failed: {last_error}", None)
+            await send_error(send, 503, f"no live worker serves model {model!r}", "model")
+            return "503"
+        status = status_for_none if status_for_none in (429, 503) else 502
+        await send_error(send, status, f"all attempts failed: {last_error}")
+        return str(status)
 
-    async def _relay(self, first: bytes, it, resp: httpx.Response, release, model: str, endpoint: str,
-                     wid: str):
+    async def _relay(self, watch: DisconnectWatch, send, ex: Exchange, first: bytes, headers, model: str,
+                     wid: str) -> str:
         """Pass SSE bytes through unchanged; a cut stream ends with an error event, never silently."""
-        status = str(resp.status_code)
+        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        chunk: bytes | None = first
         try:
-            yield first
-            async for chunk in it:
-                yield chunk
-        except httpx.HTTPError as e:
-            status = "stream-cut"
+            while chunk is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watch.gone:
+                    return "499"
+                chunk = await ex.next_chunk()
+        except UpstreamError as e:
+            if watch.gone:
+                return "499"
             self.breaker.failure(wid)
             self.metrics.errors.labels(model, "stream_cut").inc()
-            log.warning("stream from worker %s cut: %s", wid, type(e).__name__)
-            yield sse_error(f"upstream worker {wid} failed mid-stream ({type(e).__name__})")
-            yield b"data: [DONE]\n\n"
-        finally:
-            await resp.aclose()  # also what tells the worker a departed client is gone
-            release()
-            self.metrics.requests.labels(model, endpoint, status).inc()
+            log.warning("stream from worker %s cut: %s", wid, e)
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": sse_error(f"upstream worker {wid} failed mid-stream ({e})") + b"data: [DONE]\n\n"})
+            await send({"type": "http.response.body", "body": b""})
+            return "stream-cut"
+        await send({"type": "http.response.body", "body": b""})
+        return str(ex.status)

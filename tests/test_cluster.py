@@ -96,6 +96,32 @@ def test_auth_401s(cluster):
         client(url).completions.create(model="nope", prompt="x", max_tokens=1)
 
 
+def test_router_bad_input_gets_openai_errors_and_disturbs_nothing(cluster):
+    url = cluster["url"]
+    chat = f"{url}/v1/chat/completions"
+
+    def err(r, status):
+        assert r.status_code == status, r.text
+        e = r.json()["error"]
+        assert set(e) == {"message", "type", "param", "code"} and e["message"]
+        return e
+
+    err(httpx.post(chat, content=b"{not json", headers=AUTH), 400)
+    assert err(httpx.post(chat, json={"messages": []}, headers=AUTH), 400)["param"] == "model"
+    assert err(httpx.post(chat, json={"model": "nope", "messages": []}, headers=AUTH), 404)["code"] == \
+        "model_not_found"
+    err(httpx.get(chat, headers=AUTH), 405)
+    err(httpx.post(chat, content=b"x" * (33 * 2**20), headers=AUTH | {"content-type": "application/json"}), 413)
+    # The worker's own validation errors pass through untouched, with the worker that answered.
+    r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": -1}, headers=AUTH)
+    assert err(r, 400) and r.headers["x-llmc-worker"]
+    # Nothing above disturbed the router or the workers.
+    out = client(url).completions.create(model="m", prompt="still fine", max_tokens=3, temperature=0)
+    assert out.usage.completion_tokens == 3
+    for w in cluster["workers"]:
+        assert worker_metric(w, "vllm:num_requests_running") == 0
+
+
 def test_two_router_replicas_share_inflight_counts(cluster):
     rproc, rurl = start_router(cluster["tmp"], cluster["redis"].url, "--worker-token", TOKEN, "--api-key", KEY)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import socket
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         registrar = Registrar(cfg.manager_url, public, models, manager.load_report,
                               cfg.heartbeat_interval, cfg.worker_token)
     app = create_app(manager, cfg, registrar)
+    # Everything loaded so far (weights' modules, tokenizers, transformers' import graph) lives as
+    # long as the process. Freezing it keeps the cyclic GC from rescanning it: unfrozen, full
+    # collections under load paused serving for up to ~240 ms (p99 of one-token requests).
+    gc.collect()
+    gc.freeze()
     server = CleanExitServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                            timeout_graceful_shutdown=10, access_log=False))
     server.run()
