@@ -58,6 +58,9 @@ class WorkerInfo:
     def model_names(self) -> list[str]:
         return [m["name"] for m in self.models]
 
+    def serves(self, model: str) -> bool:
+        return any(m["name"] == model for m in self.models)
+
     def public(self) -> dict:
         return {"id": self.id, "url": self.url, "models": self.model_names, "status": self.status,
                 "last_heartbeat": self.last_heartbeat, "load": self.load,

@@ -109,7 +109,7 @@ class ProxyRoutes:
                     raise Rejected(429, "rate limit exceeded for this API key", None, "rate_limit_exceeded",
                                    [(b"retry-after", str(max(1, int(wait + 0.999))).encode())])
             if not self.view.live(model):
-                if not any(model in w.model_names for w in self.view.workers.values()):
+                if not any(w.serves(model) for w in self.view.workers.values()):
                     raise Rejected(404, f"The model `{model}` does not exist.", "model", "model_not_found")
                 raise Rejected(503, f"no live worker serves model {model!r}", "model")
             text = prompt_text_of(body) if self.settings.policy == "prefix_affinity" else ""

@@ -77,7 +77,7 @@ class RegistryView:
         cutoff = time.time() - self.registry.ttl
         return [w for w in self.workers.values()
                 if w.status == "ready" and w.last_heartbeat >= cutoff
-                and (model is None or model in w.model_names)]
+                and (model is None or w.serves(model))]
 
     def models(self) -> list[dict]:
         """Each model of the live workers once (first worker's metadata)."""

@@ -82,7 +82,13 @@ def python_round(url: str, model: str, n: int, concurrency: int) -> dict:
     t = time.perf_counter()
     lat = asyncio.run(latency_round(url, model, n, concurrency))
     rps = n / (time.perf_counter() - t)
-    return {"50%": pct(lat, 50) * 1e3, "99%": pct(lat, 99) * 1e3, "rps": rps}
+    return {"50%": pct(lat, 50) * 1e3, "99%": pct(lat, 99) * 1e3, "rps": rps, "n": n}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk_round(url: str, model: str, concurrency: int, seconds: int) -> dict:
@@ -107,6 +113,8 @@ def wrk_round(url: str, model: str, concurrency: int, seconds: int) -> dict:
             res[parts[0]] = ms(parts[1])
         if line.startswith("Requests/sec:"):
             res["rps"] = float(parts[1])
+        if "requests in" in line:
+            res["n"] = int(parts[0])
         if "Non-2xx" in line or "Socket errors" in line:
             raise RuntimeError(f"wrk saw errors: {line}")
     return res
@@ -121,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--stream-requests", type=int, default=32)
+    ap.add_argument("--stream-rounds", type=int, default=4)
     ap.add_argument("--stream-concurrency", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=128)
     ap.add_argument("--load-generator", choices=["auto", "python", "wrk"], default="auto",
@@ -164,17 +173,22 @@ def main(argv=None) -> int:
         for url in (direct, routed):  # warm-up
             one_round(url)
         res: dict[str, list[dict]] = {"direct": [], "router": []}
+        router_cpu = 0.0  # the manager process's CPU during routed rounds: the router's cost
         for i in range(args.rounds):
             order = (("direct", direct), ("router", routed))
             for name, url in (order if i % 2 == 0 else order[::-1]):  # ABBA: neither side always first
+                c0 = cpu_seconds(mgr.p.pid)
                 res[name].append(one_round(url))
+                if name == "router":
+                    router_cpu += cpu_seconds(mgr.p.pid) - c0
         solo = {"direct": [], "router": []}  # unloaded: the bare cost of the extra hop
         for _ in range(args.rounds):
             for name, url in (("direct", direct), ("router", routed)):
                 solo[name] += asyncio.run(latency_round(url, "tiny", 100, 1))
         tps = {"direct": [], "router": []}
-        for _ in range(2):
-            for name, url in (("direct", direct), ("router", routed)):
+        for i in range(args.stream_rounds):
+            order = (("direct", direct), ("router", routed))
+            for name, url in (order if i % 2 == 0 else order[::-1]):
                 tps[name].append(asyncio.run(stream_round(url, "stream", args.stream_requests,
                                                           args.stream_concurrency, args.stream_tokens)))
     finally:
@@ -198,7 +212,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k in ("direct", "router"):
         print(f"| {k} | {p[k][0]:.2f} | {p[k][1]:.2f} | {rps[k]:.0f} | {q[k][0]:.2f} | {q[k][1]:.2f} | {s[k]:.1f} |")
-    print(f"\nunloaded (c=1) hop cost: p50 {q['router'][0] - q['direct'][0]:+.2f} ms, "
+    print(f"\nrouter CPU per routed request: {1e6 * router_cpu / sum(r['n'] for r in res['router']):.0f} us")
+    print(f"unloaded (c=1) hop cost: p50 {q['router'][0] - q['direct'][0]:+.2f} ms, "
           f"p99 {q['router'][1] - q['direct'][1]:+.2f} ms")
     print(f"added by the router at c={args.concurrency} (median of per-round differences): p50 {added[0]:+.2f} ms "
           f"(bar <= 2), p99 {added[1]:+.2f} ms (bar <= 10); streaming throughput "
