@@ -79,25 +79,37 @@ def sse_error(message: str, code: int = 502) -> bytes:
 
 
 class DisconnectWatch:
-    """Waits for the client to leave while we wait on its behalf; aborts the exchange in flight
-    when it does (closing that connection is what cancels the work on the worker)."""
+    """Notices the client leaving while we wait on its behalf and aborts the exchange in flight
+    (closing that connection is what cancels the work on the worker).
 
-    __slots__ = ("gone", "exchange", "task")
+    Watching needs a task awaiting ``receive()``; most requests finish in milliseconds, so the task
+    is only started once a request has been in flight for ``after`` seconds."""
 
-    def __init__(self, receive):
+    __slots__ = ("gone", "exchange", "task", "timer", "receive")
+
+    def __init__(self, receive, after: float = 0.05):
         self.gone = False
         self.exchange: Exchange | None = None
-        self.task = asyncio.ensure_future(self._watch(receive))
+        self.task: asyncio.Task | None = None
+        self.receive = receive
+        self.timer = asyncio.get_running_loop().call_later(after, self._start)
 
-    async def _watch(self, receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
+    def _start(self) -> None:
+        self.timer = None
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
             pass
         self.gone = True
         if self.exchange is not None:
             self.exchange.abort()
 
     def stop(self) -> None:
-        self.task.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
 
 
 class Proxy:
