@@ -24,6 +24,8 @@ def env(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failover")
     redis = start_redis(tmp)
     procs = {}
+    state = {"redis": redis, "procs": procs, "tmp": tmp, "model_dir": model_dir}
+    mgr = None
     try:
         mgr, url = start_manager(tmp, "--redis-url", redis.url, "--worker-token", TOKEN, "--heartbeat-ttl", "3")
         for name in ("a", "b"):
@@ -31,12 +33,15 @@ def env(model_dir, tmp_path_factory):
                                        "--heartbeat-interval", "0.5", env={"WORKER_TOKEN": TOKEN},
                                        ready_headers=WAUTH)
         wait_until(lambda: len(httpx.get(f"{url}/workers", headers=WAUTH).json()) == 2, what="2 workers")
-        yield {"url": url, "redis": redis, "procs": procs, "tmp": tmp, "model_dir": model_dir}
+        state["url"] = url
+        yield state
     finally:
         for p, _ in procs.values():
             p.stop()
-        mgr.stop()
+        if mgr is not None:
+            mgr.stop()
         redis.stop()
+        state["redis"].stop()  # the restart test swaps in a new server
 
 
 def workers(url):
