@@ -8,14 +8,14 @@ Every other path (registry views, metrics, dashboard, registry writes) goes on t
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 
+from worker.asgi import bearer_of, key_allowed, read_body, send_error
 from worker.errors import APIError
 
 from .metrics import RouterMetrics
-from .proxy import Proxy, send_error
+from .proxy import Proxy
 from .ratelimit import RateLimiter
 from .settings import RouterSettings
 from .state import RegistryView
@@ -34,22 +34,6 @@ class Rejected(APIError):
         self.headers = headers
 
 
-def bearer_of(headers: list[tuple[bytes, bytes]]) -> str:
-    for k, v in headers:
-        if k == b"authorization":
-            s = v.decode("latin-1")
-            return s[7:].strip() if s[:7].lower() == "bearer " else ""
-    return ""
-
-
-def key_allowed(given: str, allowed: list[str]) -> bool:
-    """Constant-time membership: every key is compared, whatever matches."""
-    ok = False
-    for a in allowed:
-        ok |= hmac.compare_digest(given.encode(), a.encode())
-    return ok
-
-
 def prompt_text_of(body: dict) -> str:
     """The text the prefix-affinity policy keys on: the whole prompt, as sent."""
     if "messages" in body:
@@ -63,24 +47,6 @@ def token_estimate(body: dict, raw_len: int) -> int:
     out = body.get("max_completion_tokens") or body.get("max_tokens") or 16
     n = body.get("n", 1) if isinstance(body.get("n", 1), int) else 1
     return raw_len // 4 + int(out) * max(1, n) if isinstance(out, int) else raw_len // 4
-
-
-async def read_body(scope, receive, limit: int) -> bytes:
-    for k, v in scope["headers"]:
-        if k == b"content-length" and v.isdigit() and int(v) > limit:
-            raise Rejected(413, f"request body exceeds {limit} bytes", None, "request_too_large")
-    parts, seen = [], 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ConnectionAbortedError
-        chunk = msg.get("body", b"")
-        seen += len(chunk)
-        if seen > limit:
-            raise Rejected(413, f"request body exceeds {limit} bytes", None, "request_too_large")
-        parts.append(chunk)
-        if not msg.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ProxyRoutes:
@@ -114,8 +80,8 @@ class ProxyRoutes:
                 raise Rejected(503, f"no live worker serves model {model!r}", "model")
             text = prompt_text_of(body) if self.settings.policy == "prefix_affinity" else ""
             status = await self.proxy.forward(receive, send, scope["path"], raw, model, text, endpoint)
-        except Rejected as e:
-            await send_error(send, e.status, e.message, e.param, e.code, e.headers)
+        except APIError as e:  # Rejected, or read_body's 413
+            await send_error(send, e.status, e.message, e.param, e.code, getattr(e, "headers", ()))
             status = str(e.status)
         except ConnectionAbortedError:
             status = "499"

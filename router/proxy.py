@@ -6,13 +6,13 @@ per-request hot path, so it allocates little and awaits nothing it does not need
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 from manager.registry import WorkerInfo
+from worker.asgi import DisconnectWatch, send_error
 from worker.errors import error_body
 
 from .inflight import InFlight
@@ -26,7 +26,6 @@ log = logging.getLogger("router.proxy")
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 # Not passed back to the client: framing is redone by our server, and it adds its own date/server.
 DROP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
-JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 @dataclass
@@ -65,51 +64,8 @@ class Breaker:
         return {wid: 1 for wid in self.opened_at}
 
 
-async def send_error(send, status: int, message: str, param: str | None = None, code=None,
-                     headers: list[tuple[bytes, bytes]] = ()) -> None:
-    """A whole OpenAI-shaped error response over raw ASGI."""
-    body = json.dumps(error_body(status, message, param, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": JSON_HEADERS + [(b"content-length", b"%d" % len(body)), *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def sse_error(message: str, code: int = 502) -> bytes:
     return f"data: {json.dumps(error_body(code, message))}\n\n".encode()
-
-
-class DisconnectWatch:
-    """Notices the client leaving while we wait on its behalf and aborts the exchange in flight
-    (closing that connection is what cancels the work on the worker).
-
-    Watching needs a task awaiting ``receive()``; most requests finish in milliseconds, so the task
-    is only started once a request has been in flight for ``after`` seconds."""
-
-    __slots__ = ("gone", "exchange", "task", "timer", "receive")
-
-    def __init__(self, receive, after: float = 0.05):
-        self.gone = False
-        self.exchange: Exchange | None = None
-        self.task: asyncio.Task | None = None
-        self.receive = receive
-        self.timer = asyncio.get_running_loop().call_later(after, self._start)
-
-    def _start(self) -> None:
-        self.timer = None
-        self.task = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        if self.exchange is not None:
-            self.exchange.abort()
-
-    def stop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.task is not None:
-            self.task.cancel()
 
 
 class Proxy:
@@ -155,7 +111,8 @@ class Proxy:
             self.inflight.inc(w.id)
             ex: Exchange | None = None
             try:
-                ex = watch.exchange = self.pool.post(w.url, path, body)
+                ex = self.pool.post(w.url, path, body)
+                watch.on_gone = ex.abort  # closing the connection is what cancels the work upstream
                 await ex.start()
                 if ex.status in RETRY_STATUSES:
                     if ex.status >= 500:
@@ -193,7 +150,7 @@ class Proxy:
             finally:
                 if ex is not None:
                     ex.close()
-                watch.exchange = None
+                watch.on_gone = None
                 self.inflight.dec(w.id)
         if watch.gone:
             return "499"

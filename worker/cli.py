@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     CleanExitServer = _server_class()
 
-    from .api import create_app
+    from .api import create_app, entrypoint
     from .registration import Registrar
     from .vllm_manager import VLLMManager
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     # collections under load paused serving for up to ~240 ms (p99 of one-token requests).
     gc.collect()
     gc.freeze()
-    server = CleanExitServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+    server = CleanExitServer(uvicorn.Config(entrypoint(app), host=cfg.host, port=cfg.port, log_level="warning",
                                            timeout_graceful_shutdown=10, access_log=False))
     server.run()
     return 0 if server.started else fail(f"server on {cfg.host}:{cfg.port} did not start")

@@ -3,8 +3,6 @@ limit, shared by the worker and the router. Imports nothing heavy: the control p
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -34,10 +32,23 @@ def error_response(status: int, message: str, param: str | None = None, code=Non
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _param_of(loc: tuple) -> str | None:
-    """The request field at fault (top level), e.g. ``temperature`` or ``messages``."""
-    parts = [p for p in loc if p not in ("body", "query", "path")]
-    return str(parts[0]) if parts else None
+def validation_error(errs: list[dict]) -> APIError:
+    """pydantic's errors (locations inside the request body) -> a 400 naming the field at fault."""
+    first = errs[0] if errs else {"msg": "invalid request", "loc": ()}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('msg')}", None)
+    loc = tuple(first.get("loc", ()))
+    param = str(loc[0]) if loc else None
+    # Union members show up in the location as type names; keep the field path only.
+    path = ".".join(str(p) for p in loc if isinstance(p, int) or str(p).isidentifier())
+    msg = first.get("msg", "invalid value")
+    return APIError(400, f"{path or param}: {msg}" if param else msg, param)
+
+
+def _in_body(loc) -> tuple:
+    """FastAPI's error location without its leading ``body``/``query``/``path``."""
+    loc = tuple(loc)
+    return loc[1:] if loc[:1] in (("body",), ("query",), ("path",)) else loc
 
 
 def install(app) -> None:
@@ -49,16 +60,8 @@ def install(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {"msg": "invalid request", "loc": ()}
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"request body is not valid JSON: {first.get('msg')}", None)
-        loc = tuple(first.get("loc", ()))
-        param = _param_of(loc)
-        # Union members show up in the location as type names; keep the field path only.
-        path = ".".join(str(p) for p in loc[1:] if isinstance(p, int) or str(p).isidentifier())
-        msg = first.get("msg", "invalid value")
-        return error_response(400, f"{path or param}: {msg}" if param else msg, param)
+        err = validation_error([{**x, "loc": _in_body(x.get("loc", ()))} for x in e.errors()])
+        return error_response(err.status, err.message, err.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):
@@ -104,24 +107,3 @@ class BodyLimit:
     async def _reject(self, send):
         resp = error_response(413, f"request body exceeds {self.limit} bytes", None, "request_too_large")
         await resp({"type": "http"}, None, send)
-
-
-class ClientDisconnected(Exception):
-    """The client went away while we were waiting on its behalf."""
-
-
-async def unless_disconnected(request: Request, awaitable):
-    """Await ``awaitable``, but cancel it and raise :class:`ClientDisconnected` if the client
-    leaves first (cancelling is what aborts the engine request or closes the upstream one)."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientDisconnected()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
