@@ -199,6 +199,13 @@ def test_other_bad_inputs_and_worker_keeps_serving(worker, client):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(f"{worker}/v1/embeddings", json={"model": "llama", "input": "x"})
     assert r.status_code == 400
+    r = httpx.post(f"{worker}/v1/chat/completions", json={"model": "minilm", "messages": [
+        {"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.post(f"{worker}/v1/completions", json=["not", "an", "object"])
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{worker}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     r = httpx.post(f"{worker}/v1/completions", json={"model": "llama", "prompt": [10**8]})
     assert r.status_code == 400
     with pytest.raises(openai.BadRequestError):
@@ -207,6 +214,15 @@ def test_other_bad_inputs_and_worker_keeps_serving(worker, client):
     ok = client.completions.create(model="llama", prompt="still fine", max_tokens=3)
     assert ok.choices[0].text is not None and ok.usage.completion_tokens >= 1
     assert metric(worker, "vllm:kv_cache_usage_perc", "llama") == 0.0
+
+
+def finished(url: str, reason: str, model: str = "llama") -> float:
+    """``vllm:request_success_total`` for one finish reason (0 before the first such request)."""
+    key = f'vllm:request_success_total{{finished_reason="{reason}",model_name="{model}"}}'
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(key):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _wait_idle(worker, model, timeout=20.0):
@@ -219,10 +235,14 @@ def _wait_idle(worker, model, timeout=20.0):
     return False
 
 
-def test_disconnect_mid_stream_frees_kv_blocks(worker):
-    body = {"model": "llama", "prompt": "long story " * 20, "max_tokens": 600, "stream": True,
-            "ignore_eos": True}
-    with httpx.stream("POST", f"{worker}/v1/completions", json=body, timeout=30) as r:
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "long story " * 20}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "long story " * 20}]}),
+])
+def test_disconnect_mid_stream_frees_kv_blocks(worker, path, body):
+    body = {"model": "llama", "max_tokens": 600, "stream": True, "ignore_eos": True, **body}
+    aborted, completed = finished(worker, "abort"), finished(worker, "length")
+    with httpx.stream("POST", f"{worker}{path}", json=body, timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         got = 0
@@ -233,15 +253,21 @@ def test_disconnect_mid_stream_frees_kv_blocks(worker):
                 break
         assert metric(worker, "vllm:kv_cache_usage_perc", "llama") > 0
     assert _wait_idle(worker, "llama"), "blocks were not returned after the client left"
+    # Aborted, not run to its 600 tokens for nobody.
+    assert finished(worker, "abort") == aborted + 1 and finished(worker, "length") == completed
 
 
-def test_disconnect_non_streaming_aborts(worker):
-    body = {"model": "llama", "prompt": "keep going", "max_tokens": 1000, "ignore_eos": True}
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "keep going"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "keep going"}]}),
+])
+def test_disconnect_non_streaming_aborts(worker, path, body):
+    body = {"model": "llama", "max_tokens": 1000, "ignore_eos": True, **body}
+    aborted, completed = finished(worker, "abort"), finished(worker, "length")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{worker}/v1/completions", json=body, timeout=0.3)
+        httpx.post(f"{worker}{path}", json=body, timeout=0.3)
     assert _wait_idle(worker, "llama")
-    after = httpx.get(f"{worker}/metrics").text
-    assert 'vllm:request_success_total{finished_reason="abort",model_name="llama"}' in after
+    assert finished(worker, "abort") == aborted + 1 and finished(worker, "length") == completed
 
 
 def test_metrics_use_vllm_names(worker, client):
