@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
-from worker.asgi import bearer_of, key_allowed, read_body, send_error
+from worker.asgi import bearer_of, key_allowed, read_body, send_error, send_internal_error
 from worker.errors import APIError
 
 from .metrics import RouterMetrics
@@ -87,10 +87,7 @@ class ProxyRoutes:
             status = "499"
         except Exception as e:  # a bug must cost one request, not the connection or the process
             log.exception("router error on %s", scope["path"])
-            try:
-                await send_error(send, 500, f"internal error: {type(e).__name__}")
-            except RuntimeError:
-                pass  # the response had already started; the server ends the connection
+            await send_internal_error(send, f"internal error: {type(e).__name__}")
             status = "500"
         self.metrics.requests.labels(model, endpoint, status).inc()
 

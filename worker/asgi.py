@@ -74,6 +74,15 @@ async def send_error(send, status: int, message: str, param: str | None = None, 
     await send_json(send, status, json.dumps(error_body(status, message, param, code)).encode(), headers)
 
 
+async def send_internal_error(send, message: str) -> None:
+    """A 500 in OpenAI's shape, unless the response had already started (the server then ends
+    the connection, which is all a client mid-response can be told)."""
+    try:
+        await send_error(send, 500, message)
+    except RuntimeError:
+        pass
+
+
 class DisconnectWatch:
     """Notices the client leaving while we work on its behalf and calls ``on_gone`` once.
 

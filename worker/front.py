@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 from engine.sampling_params import InvalidParameter
 
 from . import serving
-from .asgi import DisconnectWatch, bearer_of, dumps, key_allowed, read_body, send_error, send_json
+from .asgi import (DisconnectWatch, bearer_of, dumps, key_allowed, read_body, send_error, send_internal_error,
+                   send_json)
 from .errors import APIError, validation_error
 from .media import MediaPolicy
 from .metrics import WorkerMetrics
@@ -74,10 +75,7 @@ class InferenceRoutes:
             pass  # the client left while sending its body
         except Exception as e:  # a bug must cost one request, not the connection or the process
             log.exception("error on %s", scope["path"])
-            try:
-                await send_error(send, 500, f"internal error: {type(e).__name__}: {e}")
-            except RuntimeError:
-                pass  # the response had already started; the server ends the connection
+            await send_internal_error(send, f"internal error: {type(e).__name__}: {e}")
 
     def _model(self, name: str, kind: str) -> ServedModel:
         served = self.manager.get(name)
