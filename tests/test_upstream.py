@@ -50,6 +50,9 @@ class ScriptedServer:
             writer.close()
 
 
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
 def ok(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -79,7 +82,7 @@ def test_keep_alive_reuses_one_connection_and_sends_a_proper_request():
 
 def test_chunked_body_arrives_in_order_as_it_is_sent():
     async def chunked(req, writer):
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(SSE_HEAD)
         for i in range(5):
             data = b"data: %d\n\n" % i
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -126,7 +129,7 @@ def test_a_pooled_connection_the_worker_closed_is_replaced_transparently():
 
 def test_abort_mid_body_closes_the_connection_and_fails_the_reader():
     async def slow_stream(req, writer):
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(SSE_HEAD)
         for _ in range(200):
             writer.write(b"6\r\ndata: \r\n")
             await writer.drain()
