@@ -8,6 +8,7 @@ writes the step's K/V into the pool by slot and attends over each sequence's blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,13 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] slot written by each packed token
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # With a native decode kernel, the first ``num_decodes`` rows are attended in one call that
+    # reads each sequence's blocks in place (``decodes`` then stays empty).
+    decode_kernel: Callable | None = None
+    num_decodes: int = 0
+    block_size: int = 16
+    decode_tables: torch.Tensor | None = None  # int32 [num_decodes, max_blocks]
+    decode_lens: torch.Tensor | None = None  # int32 [num_decodes] context lengths
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -111,6 +119,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     out = query.new_empty(t, n_heads, d)
     q = query[0]  # [H, T, D]
+    if meta.num_decodes and meta.decode_kernel is not None:
+        nd = meta.num_decodes
+        meta.decode_kernel(q[:, :nd].transpose(0, 1), kv_cache, meta.decode_tables, meta.decode_lens,
+                           out[:nd], meta.block_size, d ** -0.5 if scaling is None else scaling,
+                           sliding_window or 0)
     for g in meta.decodes:
         bd = g.end - g.start
         # Query heads of one KV head act as that head's "query positions": no repeat_kv copy.

@@ -26,6 +26,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
+    # CPU GEMMs of bfloat16/float16 models: "fp32" runs them in float32 (weights upcast once),
+    # "native" in the model dtype, "auto" picks fp32 only where the CPU lacks native half math.
+    cpu_linear: str = "auto"
+    # Decode attention: "native" (CPU kernel of engine/csrc reading K/V blocks in place), "torch"
+    # (gather + SDPA, any device), "auto": native on CPU when it builds, else torch.
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -40,5 +46,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.cpu_linear not in ("auto", "native", "fp32"):
+            raise ValueError(f"cpu_linear must be auto, native or fp32, got {self.cpu_linear!r}")
+        if self.attention_backend not in ("auto", "native", "torch"):
+            raise ValueError(f"attention_backend must be auto, native or torch, got {self.attention_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

@@ -7,9 +7,10 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from . import attention
+from . import attention, cpu_kernels, cpu_linear
 from .attention import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from .config import EngineConfig
+from .cpu_kernels import PagedDecodeKernel
 from .model_loader import check_source, load_error, resolve_device, resolve_dtype
 from .multimodal import VisionAdapter, is_vision_language
 from .scheduler import SchedulerOutput, ScheduledSeq
@@ -46,6 +47,11 @@ class ModelRunner:
         except Exception as e:
             raise load_error(config.model, e) from e
         self.model = model.to(self.device).eval()
+        self.linear_mode = cpu_linear.choose_mode(config.cpu_linear, self.dtype, self.device)
+        if self.linear_mode == "fp32":
+            n = cpu_linear.adapt_linears(self.model)
+            log.info("%s: %d %s linear layers run their GEMMs in float32 (this CPU has no native "
+                     "%s arithmetic)", config.model, n, self.dtype, self.dtype)
         self.vision = VisionAdapter(self.model, self.hf_config) if self.is_vl else None
         text_cfg = self.hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
@@ -56,6 +62,23 @@ class ModelRunner:
         self.max_position_embeddings = getattr(text_cfg, "max_position_embeddings", None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
+        self.decode_kernel = self._decode_kernel(config.attention_backend, text_cfg.num_attention_heads)
+
+    def _decode_kernel(self, backend: str, n_heads: int) -> PagedDecodeKernel | None:
+        """The native CPU decode kernel, or None for the torch gather path (CUDA uses that path
+        until it has its own kernels). B=16 contexts of 700, bf16, 2 cores: 3.3 ms vs 10 ms."""
+        fits = self.device.type == "cpu" and PagedDecodeKernel.supports(
+            self.dtype, n_heads, self.num_kv_heads, self.head_dim)
+        if backend == "torch" or (backend == "auto" and not fits):
+            return None
+        if not fits:
+            raise ValueError(f"attention_backend 'native' needs a CPU device and a supported shape "
+                             f"(device={self.device}, dtype={self.dtype}, heads={n_heads}/"
+                             f"{self.num_kv_heads}, head_dim={self.head_dim})")
+        kernel = cpu_kernels.load()
+        if kernel is None and backend == "native":
+            raise ValueError("attention_backend 'native': the CPU kernel could not be built (see log)")
+        return kernel
 
     # -- KV cache --------------------------------------------------------------------------------
     @property
@@ -125,10 +148,19 @@ class ModelRunner:
             pos += range(a, b)
             slots += self._slots(s.seq.block_table, a, b)
         meta = AttentionMetadata(kv_caches=self.kv_caches,
-                                 slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+                                 slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                                 block_size=self.block_size)
         lens = [s.start + 1 for s in singles]
-        for a, b in group_by_length(lens):
-            meta.decodes.append(self._decode_group(singles[a:b], lens[a:b], a))
+        if self.decode_kernel is not None and singles:
+            nblk = -(-max(lens) // self.block_size)
+            meta.decode_kernel, meta.num_decodes = self.decode_kernel, len(singles)
+            meta.decode_tables = torch.tensor(
+                [s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk])) for s in singles],
+                dtype=torch.int32)
+            meta.decode_lens = torch.tensor(lens, dtype=torch.int32)
+        else:
+            for a, b in group_by_length(lens):
+                meta.decodes.append(self._decode_group(singles[a:b], lens[a:b], a))
         t = len(singles)
         for s in multis:
             n = s.num_new_tokens

@@ -39,10 +39,12 @@ def test_single_request(kind, make_llm, hf_reference):
     assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_sixteen_concurrent_mixed_lengths(kind, make_llm, hf_reference):
+@pytest.mark.parametrize("kind,backend", [(k, "auto") for k in KINDS] + [("llama", "torch"), ("mistral", "torch")])
+def test_sixteen_concurrent_mixed_lengths(kind, backend, make_llm, hf_reference):
+    """``auto`` is the native CPU decode kernel here; ``torch`` the gather path CUDA uses."""
     hf, tok = hf_reference(kind)
-    llm = make_llm(kind, max_num_seqs=16)
+    llm = make_llm(kind, max_num_seqs=16, attention_backend=backend)
+    assert (llm.engine.runner.decode_kernel is not None) == (backend == "auto")
     prompts = random_prompts(16, 3, 120, len(tok), seed=1)
     rng = random.Random(2)
     lens = [rng.randint(4, 40) for _ in prompts]

@@ -1,0 +1,153 @@
+// Paged decode attention for CPUs: one query token per sequence, K/V read in place from the
+// block-paged cache (no gather copy), float32 math with an online softmax, OpenMP over
+// (sequence, KV head). Compiled at first use by engine/cpu_kernels.py with the machine's g++
+// (-O3 -march=native) and called through ctypes, which releases the GIL for the call.
+//
+// Cache layout (engine/model_runner.py): kv[slot][2 (k, v)][kv_heads][head_dim]; slot =
+// block_table[pos / block_size] * block_size + pos % block_size.
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float load(const float* p) { return *p; }
+inline float load(const _Float16* p) { return (float)*p; }
+inline float load(const uint16_t* p) {
+  uint32_t bits = (uint32_t)*p << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(_Float16* p, float v) { *p = (_Float16)v; }
+inline void store(uint16_t* p, float v) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) { *p = 0x7fc0; return; }  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *p = (uint16_t)(bits >> 16);
+}
+
+constexpr int CHUNK = 32;   // positions scored before each softmax rescale
+constexpr int MAX_G = 16;   // query heads per KV head
+constexpr int MAX_D = 256;  // head_dim
+
+// One (sequence, KV head): the G query heads that share the KV head.
+template <typename T, int DC>
+void attend_one(const T* q, long q_sh, const T* kv, const int32_t* table, int ctx, T* out,
+                long out_sh, int Hkv, int kvh, int G, int D_rt, int bs, float scale, int window) {
+  const int D = DC > 0 ? DC : D_rt;
+  float qf[MAX_G][MAX_D];
+  float acc[MAX_G][MAX_D];
+  float m[MAX_G], l[MAX_G];
+  float s[MAX_G][CHUNK];
+  for (int g = 0; g < G; ++g) {
+    const T* qh = q + (long)(kvh * G + g) * q_sh;
+    for (int d = 0; d < D; ++d) { qf[g][d] = load(qh + d) * scale; acc[g][d] = 0.f; }
+    m[g] = -FLT_MAX;
+    l[g] = 0.f;
+  }
+  const long slot_stride = 2L * Hkv * D;  // elements per slot (k and v of every KV head)
+  const int start = (window > 0 && ctx > window) ? ctx - window : 0;
+  float buf[CHUNK][MAX_D];  // one chunk of K, then of V, in float32 (converted once, not per head)
+  for (int p0 = start; p0 < ctx; p0 += CHUNK) {
+    const int n = (ctx - p0) < CHUNK ? (ctx - p0) : CHUNK;
+    const T* kp[CHUNK];
+    for (int i = 0; i < n; ++i) {
+      const int p = p0 + i;
+      const long slot = (long)table[p / bs] * bs + p % bs;
+      kp[i] = kv + slot * slot_stride + (long)kvh * D;
+      const T* k = kp[i];
+#pragma omp simd
+      for (int d = 0; d < D; ++d) buf[i][d] = load(k + d);
+    }
+    for (int g = 0; g < G; ++g) {
+      float cmax = -FLT_MAX;
+      for (int i = 0; i < n; ++i) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < D; ++d) dot += qf[g][d] * buf[i][d];
+        s[g][i] = dot;
+        cmax = dot > cmax ? dot : cmax;
+      }
+      const float mnew = cmax > m[g] ? cmax : m[g];
+      const float corr = std::exp(m[g] - mnew);  // 0 on the first chunk (m = -FLT_MAX)
+      l[g] *= corr;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acc[g][d] *= corr;
+      for (int i = 0; i < n; ++i) {
+        const float w = std::exp(s[g][i] - mnew);
+        s[g][i] = w;
+        l[g] += w;
+      }
+      m[g] = mnew;
+    }
+    for (int i = 0; i < n; ++i) {
+      const T* v = kp[i] + (long)Hkv * D;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) buf[i][d] = load(v + d);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int i = 0; i < n; ++i) {
+        const float w = s[g][i];
+#pragma omp simd
+        for (int d = 0; d < D; ++d) acc[g][d] += w * buf[i][d];
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    T* oh = out + (long)(kvh * G + g) * out_sh;
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int d = 0; d < D; ++d) store(oh + d, acc[g][d] * inv);
+  }
+}
+
+template <typename T, int DC>
+void run(const void* q_, long q_sb, long q_sh, const void* kv_, const int32_t* tables, int max_blocks,
+         const int32_t* ctx_lens, void* out_, long out_sb, long out_sh, int B, int H, int Hkv, int D,
+         int bs, float scale, int window, int nthreads) {
+  const T* q = static_cast<const T*>(q_);
+  const T* kv = static_cast<const T*>(kv_);
+  T* out = static_cast<T*>(out_);
+  const int G = H / Hkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (long item = 0; item < (long)B * Hkv; ++item) {
+    const int b = (int)(item / Hkv), kvh = (int)(item % Hkv);
+    attend_one<T, DC>(q + b * q_sb, q_sh, kv, tables + (long)b * max_blocks, ctx_lens[b],
+                      out + b * out_sb, out_sh, Hkv, kvh, G, D, bs, scale, window);
+  }
+}
+
+template <typename T>
+void dispatch_d(const void* q, long q_sb, long q_sh, const void* kv, const int32_t* tables, int max_blocks,
+                const int32_t* lens, void* out, long o_sb, long o_sh, int B, int H, int Hkv, int D, int bs,
+                float scale, int window, int nt) {
+  switch (D) {
+    case 64: run<T, 64>(q, q_sb, q_sh, kv, tables, max_blocks, lens, out, o_sb, o_sh, B, H, Hkv, D, bs, scale, window, nt); break;
+    case 128: run<T, 128>(q, q_sb, q_sh, kv, tables, max_blocks, lens, out, o_sb, o_sh, B, H, Hkv, D, bs, scale, window, nt); break;
+    default: run<T, 0>(q, q_sb, q_sh, kv, tables, max_blocks, lens, out, o_sb, o_sh, B, H, Hkv, D, bs, scale, window, nt);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 float32, 1 bfloat16, 2 float16. Strides are in elements. Returns 0, or -1 for shapes
+// this kernel does not take (the caller then uses its torch path).
+int paged_decode_attention(int dtype, const void* q, long q_stride_b, long q_stride_h, const void* kv,
+                           const int32_t* block_tables, int max_blocks, const int32_t* ctx_lens,
+                           void* out, long out_stride_b, long out_stride_h, int B, int H, int Hkv, int D,
+                           int block_size, float scale, int window, int nthreads) {
+  if (Hkv <= 0 || H % Hkv != 0 || H / Hkv > MAX_G || D > MAX_D || D <= 0 || block_size <= 0) return -1;
+  switch (dtype) {
+    case 0: dispatch_d<float>(q, q_stride_b, q_stride_h, kv, block_tables, max_blocks, ctx_lens, out, out_stride_b, out_stride_h, B, H, Hkv, D, block_size, scale, window, nthreads); return 0;
+    case 1: dispatch_d<uint16_t>(q, q_stride_b, q_stride_h, kv, block_tables, max_blocks, ctx_lens, out, out_stride_b, out_stride_h, B, H, Hkv, D, block_size, scale, window, nthreads); return 0;
+    case 2: dispatch_d<_Float16>(q, q_stride_b, q_stride_h, kv, block_tables, max_blocks, ctx_lens, out, out_stride_b, out_stride_h, B, H, Hkv, D, block_size, scale, window, nthreads); return 0;
+  }
+  return -1;
+}
+
+}  // extern "C"
