@@ -50,8 +50,8 @@ class ModelRunner:
         self.linear_mode = cpu_linear.choose_mode(config.cpu_linear, self.dtype, self.device)
         if self.linear_mode == "fp32":
             n = cpu_linear.adapt_linears(self.model)
-            log.info("%s: %d %s linear layers run their GEMMs in float32 (this CPU has no native "
-                     "%s arithmetic)", config.model, n, self.dtype, self.dtype)
+            log.info("%s: %d %s linear layers run their GEMMs in float32 (engine/cpu_linear.py)",
+                     config.model, n, self.dtype)
         self.vision = VisionAdapter(self.model, self.hf_config) if self.is_vl else None
         text_cfg = self.hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers

@@ -77,16 +77,19 @@ def test_kernel_falls_back_without_compiler(monkeypatch, tmp_path):
     assert cpu_kernels.load() is None
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp32_accum_linear_is_a_half_gemm(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 300])  # the decode-sized (W @ x^T) and the F.linear branch
+def test_fp32_accum_linear_is_a_float32_gemm(dtype, rows):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True).to(dtype)
     wrapped = cpu_linear.Fp32AccumLinear(lin)
-    x = torch.randn(5, 7, 256).to(dtype)
+    x = torch.randn(rows, 1, 256).to(dtype)
     y = wrapped(x)
-    assert y.dtype == dtype and y.shape == (5, 7, 96)
-    exact = F.linear(x.float(), lin.weight.float(), lin.bias.float())
-    assert torch.equal(y, exact.to(dtype)), "float32 accumulate, one rounding to the model dtype"
+    assert y.dtype == dtype and y.shape == (rows, 1, 96) and y.is_contiguous()
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    # float32 accumulation, then one rounding to the model dtype: within that dtype's half-ulp.
+    eps = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    assert torch.allclose(y.double(), exact, rtol=eps * 1.01, atol=1e-5)
     assert wrapped.weight.dtype == torch.float32
     assert torch.equal(wrapped.weight.to(dtype), lin.weight), "weights upcast exactly"
 
@@ -100,7 +103,8 @@ def test_adapt_linears_swaps_every_half_linear():
 
 def test_choose_mode():
     cpu = torch.device("cpu")
-    assert cpu_linear.choose_mode("auto", torch.float32, cpu) == "native"
+    assert cpu_linear.choose_mode("auto", torch.float32, cpu) == "fp32"
+    assert cpu_linear.choose_mode("auto", torch.bfloat16, torch.device("meta")) == "native"
     assert cpu_linear.choose_mode("fp32", torch.bfloat16, cpu) == "fp32"
     assert cpu_linear.choose_mode("native", torch.bfloat16, cpu) == "native"
     auto = cpu_linear.choose_mode("auto", torch.bfloat16, cpu)
