@@ -79,13 +79,14 @@ def test_kernel_falls_back_without_compiler(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 7, 300])  # the decode-sized (W @ x^T) and the F.linear branch
-def test_fp32_accum_linear_is_a_float32_gemm(dtype, rows):
+@pytest.mark.parametrize("out_features", [96, 4 * cpu_linear.SLICE_ROWS + 100])  # one GEMM, slices
+def test_fp32_accum_linear_is_a_float32_gemm(dtype, rows, out_features):
     torch.manual_seed(0)
-    lin = nn.Linear(256, 96, bias=True).to(dtype)
+    lin = nn.Linear(256, out_features, bias=True).to(dtype)
     wrapped = cpu_linear.Fp32AccumLinear(lin)
     x = torch.randn(rows, 1, 256).to(dtype)
     y = wrapped(x)
-    assert y.dtype == dtype and y.shape == (rows, 1, 96) and y.is_contiguous()
+    assert y.dtype == dtype and y.shape == (rows, 1, out_features) and y.is_contiguous()
     exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
     # float32 accumulation, then one rounding to the model dtype: within that dtype's half-ulp.
     eps = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
