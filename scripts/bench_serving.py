@@ -1,13 +1,39 @@
-"""HTTP serving benchmark in the style of vLLM's benchmark_serving: our worker vs
-``transformers serve --continuous-batching``, same model directory, same workload, one run.
+"""HTTP serving benchmark matrix in the style of vLLM's benchmark_serving: our worker vs
+``transformers serve --continuous-batching``, same model directory, same workloads, one run.
 
     python scripts/make_tiny_models.py --out models --serve-bench
-    python scripts/bench_serving.py --model models/bench-llama-serve
+    python scripts/bench_serving.py --model models/bench-llama-serve --json /tmp/bench-serving.json
+    # a subset: one batch limit, short prompts only, only our worker
+    python scripts/bench_serving.py --batch-limits 8 --prompt-lens short=16,128 --systems ours
 
-Each server is started by this script, warmed up with the measured settings, driven with streaming
-/v1/completions requests at a fixed concurrency (or a Poisson request rate), then stopped, so the
-two never compete for the CPU. Reports output tokens/s, TTFT, inter-token latency (gaps between
-streamed chunks) and TPOT, p50/p99, and our ratios.
+Cells are batch limit x prompt-length range x output-length range (``--batch-limits 8,16,32,64``,
+``--prompt-lens short=16,128 long=256,1024``, ``--output-lens short=16,64 long=128,256``). A cell sends
+``max(16, factor * batch_limit)`` streaming /v1/completions requests (``--requests-per-cell-factor``, default 2)
+with lengths uniform in the cell's ranges, the same texts to both systems, EOS ignored, greedy, at a client
+concurrency equal to the batch limit (optionally paced by a Poisson ``--request-rate``). Reported per system:
+output tokens/s, TTFT, ITL (gaps between streamed chunks that carry text) and TPOT, p50/p99. ITL depends on
+how a server chunks its stream (transformers serve sends one chunk per token but writes all chunks queued since
+its last write at once, giving near-zero gaps when it lags); TPOT, in the JSON, does not.
+
+Each server is started once per batch limit (its settings depend on nothing else), serves all that batch
+limit's cells and is stopped before the other system starts, so the two never compete for the CPU. Before
+every cell's timed run each server gets warm-up requests from that cell with the measured sampling settings.
+Both KV pools hold batch limit x (longest prompt + longest output of any cell) tokens, rounded up to whole
+blocks per sequence (but at least one sequence of the model's full length), plus ``KV_HEADROOM``.
+
+- ours: ``python -m worker`` with a temporary config.yaml: ``max_num_seqs`` = batch limit, ``num_kv_blocks``
+  for the pool above, our engine's defaults for everything else (``--max-num-batched-tokens`` overrides the
+  per-step token budget).
+- transformers serve: ``--continuous-batching --cb-num-blocks N --cb-max-batch-tokens M``. N is the pool above
+  in its default 256-token pages (``--cb-block-size`` is deprecated); the headroom covers its scheduler, which
+  admits no new prefill while fewer than 15% of pages are free. M is the same per-step token budget as ours
+  (``--cb-max-batch-tokens`` overrides). Its own default, 8192, is not used: on CPU its attention over a step
+  is dense across all the step's requests ([step tokens, step + cached tokens] mask, preallocated for M and
+  the whole pool), so a larger M mostly buys quadratic work and memory. It has no flag for max concurrent requests
+  (its ``max_requests_per_batch`` defaults to 1024), so the client concurrency alone holds it to the batch
+  limit. It needs ``accelerate``, wants the model named by its directory path, rejects ``ignore_eos`` (EOS is
+  disabled through ``generation_config``), ends streams without ``[DONE]``, and its continuous-batching
+  manager takes sampling settings from the first request it sees.
 """
 
 from __future__ import annotations
@@ -15,19 +41,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import httpx
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.config import EngineConfig  # noqa: E402
+
+PEER = "transformers-serve"
+SYSTEMS = ("ours", PEER)
+KV_HEADROOM = 1.25  # pool size over the worst-case demand, for schedulers' free-block margins
+MIN_REQUESTS = 16
+WARMUP_REQUESTS = 2
+OUR_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    batch: int
+    prompt_name: str
+    prompt: tuple[int, int]
+    output_name: str
+    output: tuple[int, int]
+
+    @staticmethod
+    def span(name: str, lengths: tuple[int, int]) -> str:
+        text = f"{lengths[0]}-{lengths[1]}"
+        return text if name == text else f"{name} {text}"
+
+    @property
+    def label(self) -> str:
+        return f"batch={self.batch} prompt={self.prompt_name} output={self.output_name}"
 
 
 @dataclass
@@ -40,17 +98,62 @@ class Result:
     error: str = ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -- command line ---------------------------------------------------------------------------------
+
+def parse_ranges(items: list[str]) -> dict[str, tuple[int, int]]:
+    """``["short=16,128", "long=256,1024"]`` -> {name: (lo, hi)}; an unnamed ``lo,hi`` is named ``lo-hi``."""
+    out = {}
+    for item in items:
+        name, _, span = item.rpartition("=")
+        lo, hi = (int(x) for x in span.split(","))
+        if not 1 <= lo <= hi:
+            raise SystemExit(f"bad length range {item!r}: need 1 <= lo <= hi")
+        out[name or f"{lo}-{hi}"] = (lo, hi)
+    return out
 
 
-def make_workload(model: str, n: int, seed: int, plen: tuple[int, int], olen: tuple[int, int]):
-    """Text prompts whose token counts (with this model's tokenizer) fall in ``plen``."""
-    from transformers import AutoTokenizer
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/bench-llama-serve")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch-limits", default="8,16,32,64",
+                    help="max concurrent sequences per cell, comma separated (= client concurrency)")
+    ap.add_argument("--prompt-lens", nargs="+", default=["short=16,128", "long=256,1024"],
+                    help="NAME=LO,HI prompt token ranges")
+    ap.add_argument("--output-lens", nargs="+", default=["short=16,64", "long=128,256"],
+                    help="NAME=LO,HI output token ranges")
+    ap.add_argument("--requests-per-cell-factor", type=float, default=2.0,
+                    help="requests per cell = max(--min-requests, factor * batch limit)")
+    ap.add_argument("--min-requests", type=int, default=MIN_REQUESTS)
+    ap.add_argument("--request-rate", type=float, default=None, help="Poisson rate (req/s); default: all at once")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="our per-step token budget (default: our engine's)")
+    ap.add_argument("--cb-max-batch-tokens", type=int, default=None,
+                    help="transformers serve per-step token budget (default: the same as ours)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--log-dir", default="/tmp/bench-serving")
+    ap.add_argument("--json", default=None, help="write raw per-cell results here")
+    args = ap.parse_args(argv)
+    args.batch_limits = [int(b) for b in args.batch_limits.split(",")]
+    args.prompt_lens = parse_ranges(args.prompt_lens)
+    args.output_lens = parse_ranges(args.output_lens)
+    args.systems = args.systems.split(",")
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    return args
 
-    tok = AutoTokenizer.from_pretrained(model)
+
+def make_cells(args) -> list[Cell]:
+    return [Cell(b, pn, pr, on, orng) for b in args.batch_limits
+            for pn, pr in args.prompt_lens.items() for on, orng in args.output_lens.items()]
+
+
+# -- workload -------------------------------------------------------------------------------------
+
+def make_workload(tok, n: int, seed: int, plen: tuple[int, int], olen: tuple[int, int]):
+    """``n`` (prompt text, max_tokens) pairs; the prompts' token counts (this tokenizer) fall in ``plen``."""
     rng = random.Random(seed)
     special = set(tok.all_special_ids)
     ids = [i for i in range(len(tok)) if i not in special]
@@ -63,6 +166,10 @@ def make_workload(model: str, n: int, seed: int, plen: tuple[int, int], olen: tu
     return out
 
 
+def requests_per_cell(args, batch: int) -> int:
+    return max(args.min_requests, int(args.requests_per_cell_factor * batch))
+
+
 def body_for(system: str, model: str, prompt: str, max_tokens: int) -> dict:
     if system == "ours":
         return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
@@ -73,7 +180,10 @@ def body_for(system: str, model: str, prompt: str, max_tokens: int) -> dict:
                                              "max_new_tokens": max_tokens})}
 
 
+# -- client ---------------------------------------------------------------------------------------
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Result:
+    """One streamed completion. A stream may end with ``[DONE]`` (ours) or just close (transformers serve)."""
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
@@ -149,12 +259,19 @@ def summarize(results: list[Result], wall: float) -> dict:
             "errors": sorted({r.error for r in results if not r.ok})[:3]}
 
 
+# -- servers --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
-    def __init__(self, args: list[str], log: Path, env: dict | None = None, preexec=None):
+    def __init__(self, args: list[str], log: Path):
         self.log = open(log, "w")
         self.p = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                                  start_new_session=True, preexec_fn=preexec)
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
 
     def wait(self, url: str, timeout: float = 300):
         deadline = time.monotonic() + timeout
@@ -180,75 +297,173 @@ class Server:
         self.log.close()
 
 
-def start(system: str, args) -> tuple[Server, str, str]:
+def pool_blocks(args, batch: int, block: int) -> int:
+    """Blocks of ``block`` tokens for ``batch`` sequences of ``args.max_seq`` tokens (at least one sequence of
+    the model's full length, which our engine insists on), plus ``KV_HEADROOM``."""
+    need = max(batch * math.ceil(args.max_seq / block), math.ceil(args.max_pos / block))
+    return math.ceil(need * KV_HEADROOM)
+
+
+def start_ours(args, batch: int, port: int, logdir: Path) -> Server:
+    engine = {"max_num_seqs": batch}
+    if args.max_num_batched_tokens is not None:
+        engine["max_num_batched_tokens"] = args.max_num_batched_tokens
+    model = {"name": "bench", "source": args.model,
+             "num_kv_blocks": pool_blocks(args, batch, OUR_DEFAULTS["block_size"])}
+    cfg = logdir / f"worker-batch{batch}.yaml"
+    cfg.write_text(yaml.safe_dump({"engine_defaults": engine, "worker": {"models": [model]}}))
+    return Server([sys.executable, "-m", "worker", "--models", f"bench={args.model}", "--host", "127.0.0.1",
+                   "--port", str(port), "--dtype", args.dtype, "--config", str(cfg)],
+                  logdir / f"worker-batch{batch}.log")
+
+
+def start_peer(args, batch: int, port: int, logdir: Path) -> Server:
+    from transformers import ContinuousBatchingConfig
+
+    page = ContinuousBatchingConfig().page_size
+    step_tokens = (args.cb_max_batch_tokens or args.max_num_batched_tokens
+                   or OUR_DEFAULTS["max_num_batched_tokens"])
+    exe = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
+    return Server([*exe, "serve", str(Path(args.model).resolve()), "--continuous-batching",
+                   "--cb-num-blocks", str(pool_blocks(args, batch, page)),
+                   "--cb-max-batch-tokens", str(step_tokens),
+                   "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--log-level", "warning"],
+                  logdir / f"transformers-serve-batch{batch}.log")
+
+
+def start(system: str, args, batch: int) -> tuple[Server, str, str]:
+    """Start ``system`` for one batch limit; returns (server, completions URL, model name to request)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     logdir = Path(args.log_dir)
     logdir.mkdir(parents=True, exist_ok=True)
     if system == "ours":
-        cfg = logdir / "bench-worker.yaml"
-        cfg.write_text(f"engine_defaults:\n  max_num_seqs: {args.concurrency}\n"
-                       f"  max_num_batched_tokens: {args.max_num_batched_tokens}\n"
-                       f"worker:\n  cpu_kv_cache_memory: 1GiB\n")
-        srv = Server([sys.executable, "-m", "worker", "--models", f"bench={args.model}", "--host", "127.0.0.1",
-                      "--port", str(port), "--dtype", args.dtype, "--config", str(cfg)],
-                     logdir / "bench-worker.log")
-        srv.wait(f"{base}/v1/models")
-        return srv, f"{base}/v1/completions", "bench"
-    exe = [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
-    srv = Server([*exe, "serve", str(Path(args.model).resolve()), "--continuous-batching", "--host",
-                  "127.0.0.1", "--port", str(port), "--dtype", args.dtype, "--log-level", "warning"],
-                 logdir / "bench-transformers-serve.log")
-    srv.wait(f"{base}/health")
-    return srv, f"{base}/v1/completions", str(Path(args.model).resolve())
+        srv = start_ours(args, batch, port, logdir)
+        health, model_name = f"{base}/v1/models", "bench"
+    else:
+        srv = start_peer(args, batch, port, logdir)
+        health, model_name = f"{base}/health", str(Path(args.model).resolve())
+    try:
+        srv.wait(health)
+    except BaseException:
+        srv.stop()
+        raise
+    return srv, f"{base}/v1/completions", model_name
+
+
+# -- matrix ---------------------------------------------------------------------------------------
+
+def run_cell(system: str, url: str, model_name: str, cell: Cell, work, args) -> dict:
+    """Warm up with the first ``WARMUP_REQUESTS`` of ``work`` (distinct prompts: no prefix-cache hits later),
+    then time the rest."""
+    bodies = [body_for(system, model_name, p, m) for p, m in work]
+    asyncio.run(drive(url, bodies[:WARMUP_REQUESTS], WARMUP_REQUESTS, None, args.seed))
+    results, wall = asyncio.run(drive(url, bodies[WARMUP_REQUESTS:], cell.batch, args.request_rate, args.seed))
+    s = summarize(results, wall)
+    print(f"  {cell.label} {system}: ok={s['ok']} failed={s['failed']} wall={s['wall_s']:.1f}s "
+          f"out_tok/s={s['out_tok_s']:.1f} ttft_p50={s['ttft_p50'] * 1e3:.0f}ms "
+          f"itl_p50={s['itl_p50'] * 1e3:.1f}ms {s['errors'] or ''}", file=sys.stderr, flush=True)
+    return s
+
+
+def run_batch_limit(batch: int, cells: list[Cell], workloads: dict, args) -> dict:
+    """All cells of one batch limit: each system's server started once, then stopped."""
+    out: dict[Cell, dict] = {c: {} for c in cells}
+    for system in args.systems:
+        srv, url, model_name = start(system, args, batch)
+        try:
+            for cell in cells:
+                out[cell][system] = run_cell(system, url, model_name, cell, workloads[cell], args)
+        finally:
+            srv.stop()
+    return out
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x * 1e3:.1f}" if x == x else "-"
+
+
+def compare(res: dict) -> dict | None:
+    if "ours" not in res or PEER not in res:
+        return None
+    a, b = res["ours"], res[PEER]
+    return {"ratio": a["out_tok_s"] / b["out_tok_s"] if b["out_tok_s"] else float("inf"),
+            "ttft_ok": a["ttft_p50"] <= b["ttft_p50"], "itl_ok": a["itl_p50"] <= b["itl_p50"]}
+
+
+TABLE_HEADER = ("| batch | prompt | output | ours tok/s | peer tok/s | ratio | ours TTFT p50 ms | peer TTFT p50 ms "
+                "| ours ITL p50 ms | peer ITL p50 ms | TTFT no worse | ITL no worse |\n"
+                "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|")
+
+
+def table_row(cell: Cell, res: dict) -> str:
+    def col(system: str, key: str) -> str:
+        s = res.get(system)
+        if s is None:
+            return "-"
+        if key == "out_tok_s":
+            return f"{s[key]:.1f}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        return fmt_ms(s[key])
+
+    def flag(key: str) -> str:
+        return "-" if c is None else ("yes" if c[key] else "NO")
+
+    c = compare(res)
+    cols = [str(cell.batch), Cell.span(cell.prompt_name, cell.prompt), Cell.span(cell.output_name, cell.output),
+            col("ours", "out_tok_s"), col(PEER, "out_tok_s"), f"{c['ratio']:.2f}x" if c else "-",
+            col("ours", "ttft_p50"), col(PEER, "ttft_p50"), col("ours", "itl_p50"), col(PEER, "itl_p50"),
+            flag("ttft_ok"), flag("itl_ok")]
+    return "| " + " | ".join(cols) + " |"
+
+
+def print_summary(results: dict[Cell, dict]) -> None:
+    comps = {cell: c for cell, res in results.items() if (c := compare(res))}
+    if not comps:
+        return
+    worst = min(comps, key=lambda cell: comps[cell]["ratio"])
+    ratios = [c["ratio"] for c in comps.values()]
+    geo = statistics.geometric_mean(ratios) if all(r > 0 for r in ratios) else float("nan")
+    n = len(comps)
+    print(f"\nthroughput ratio ours / transformers serve: min {comps[worst]['ratio']:.2f}x ({worst.label}), "
+          f"geometric mean {geo:.2f}x over {n} cells")
+    print(f"TTFT p50 no worse than transformers serve in {sum(c['ttft_ok'] for c in comps.values())}/{n} cells; "
+          f"ITL p50 no worse in {sum(c['itl_ok'] for c in comps.values())}/{n} cells")
+
+
+def write_json(path: str, header: dict, results: dict[Cell, dict]) -> None:
+    cells = [{"batch": c.batch, "prompt_name": c.prompt_name, "prompt_len": c.prompt,
+              "output_name": c.output_name, "output_len": c.output, "results": res,
+              "comparison": compare(res)} for c, res in results.items()]
+    Path(path).write_text(json.dumps({"header": header, "cells": cells}, indent=2))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="models/bench-llama-serve")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--request-rate", type=float, default=None, help="Poisson rate (req/s); default: all at once")
-    ap.add_argument("--prompt-len", default="64,384")
-    ap.add_argument("--output-len", default="32,128")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--systems", default="ours,transformers-serve")
-    ap.add_argument("--log-dir", default="/tmp/bench-serving")
-    args = ap.parse_args(argv)
-    plen = tuple(map(int, args.prompt_len.split(",")))
-    olen = tuple(map(int, args.output_len.split(",")))
-    work = make_workload(args.model, args.num_prompts, args.seed, plen, olen)
-    print(f"model={args.model} dtype={args.dtype} prompts={len(work)} concurrency={args.concurrency} "
-          f"rate={args.request_rate or 'inf'} prompt_len={plen} output_len={olen} cpu_cores={os.cpu_count()}",
-          flush=True)
-    rows = {}
-    for system in args.systems.split(","):
-        srv, url, model_name = start(system, args)
-        try:
-            warm = [body_for(system, model_name, work[0][0], work[0][1])] * 2
-            asyncio.run(drive(url, warm, 2, None, args.seed))
-            bodies = [body_for(system, model_name, p, m) for p, m in work]
-            results, wall = asyncio.run(drive(url, bodies, args.concurrency, args.request_rate, args.seed))
-        finally:
-            srv.stop()
-        rows[system] = summarize(results, wall)
-        s = rows[system]
-        print(f"  {system:<20} ok={s['ok']} failed={s['failed']} wall={s['wall_s']:.1f}s "
-              f"out_tok/s={s['out_tok_s']:.1f} ttft_p50={s['ttft_p50'] * 1000:.0f}ms "
-              f"itl_p50={s['itl_p50'] * 1000:.1f}ms {s['errors'] or ''}", flush=True)
-    print()
-    print("| system | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | TPOT p50 (ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, s in rows.items():
-        print(f"| {name} | {s['out_tok_s']:.1f} | {s['ttft_p50'] * 1e3:.0f} | {s['ttft_p99'] * 1e3:.0f} | "
-              f"{s['itl_p50'] * 1e3:.1f} | {s['itl_p99'] * 1e3:.1f} | {s['tpot_p50'] * 1e3:.1f} |")
-    if "ours" in rows and "transformers-serve" in rows:
-        a, b = rows["ours"], rows["transformers-serve"]
-        print(f"\nours / transformers serve: output tok/s {a['out_tok_s'] / b['out_tok_s']:.2f}x, "
-              f"TTFT p50 {b['ttft_p50'] / a['ttft_p50']:.2f}x lower")
-    return 0 if all(r["failed"] == 0 for r in rows.values()) else 1
+    from transformers import AutoConfig, AutoTokenizer
+
+    args = parse_args(argv)
+    cells = make_cells(args)
+    args.max_seq = max(p[1] for p in args.prompt_lens.values()) + max(o[1] for o in args.output_lens.values())
+    args.max_pos = AutoConfig.from_pretrained(args.model).max_position_embeddings
+    if args.max_seq > args.max_pos:
+        raise SystemExit(f"longest prompt + output ({args.max_seq}) exceeds the model's {args.max_pos} positions")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    header = {"model": args.model, "dtype": args.dtype, "systems": args.systems, "cpu_count": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "request_rate": args.request_rate,
+              "requests_per_cell_factor": args.requests_per_cell_factor, "max_seq_tokens": args.max_seq}
+    print(" ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+    print(TABLE_HEADER, flush=True)
+    results: dict[Cell, dict] = {}
+    for batch in args.batch_limits:
+        mine = [c for c in cells if c.batch == batch]
+        n = WARMUP_REQUESTS + requests_per_cell(args, batch)
+        workloads = {c: make_workload(tok, n, args.seed + i, c.prompt, c.output) for i, c in enumerate(mine)}
+        for cell, res in run_batch_limit(batch, mine, workloads, args).items():
+            results[cell] = res
+            print(table_row(cell, res), flush=True)
+    print_summary(results)
+    if args.json:
+        write_json(args.json, header, results)
+    return 0 if all(s["failed"] == 0 for res in results.values() for s in res.values()) else 1
 
 
 if __name__ == "__main__":
