@@ -15,14 +15,9 @@ model's dtype. The cost is float32 weight memory (2x the bfloat16 weights).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
-
 
 # Up to this many rows, ``W @ x^T`` beats ``x @ W^T`` (what ``F.linear`` runs) with torch 2.13's
 # CPU sgemm: median ms on 2 AVX2 cores, F.linear / transposed, for a [2816 x 1024] weight:

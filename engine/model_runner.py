@@ -154,9 +154,7 @@ class ModelRunner:
         if self.decode_kernel is not None and singles:
             nblk = -(-max(lens) // self.block_size)
             meta.decode_kernel, meta.num_decodes = self.decode_kernel, len(singles)
-            meta.decode_tables = torch.tensor(
-                [s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk])) for s in singles],
-                dtype=torch.int32)
+            meta.decode_tables = torch.tensor(self._padded_tables(singles, nblk), dtype=torch.int32)
             meta.decode_lens = torch.tensor(lens, dtype=torch.int32)
         else:
             for a, b in group_by_length(lens):
@@ -184,12 +182,16 @@ class ModelRunner:
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return order, input_ids, positions, meta, logit_rows
 
+    @staticmethod
+    def _padded_tables(group: list[ScheduledSeq], nblk: int) -> list[list[int]]:
+        """The first ``nblk`` block ids of each sequence, padded with block 0 (never read)."""
+        return [s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk])) for s in group]
+
     def _decode_group(self, group: list[ScheduledSeq], lens: list[int], start: int) -> DecodeGroup:
         dev, bs = self.device, self.block_size
         lmax = max(lens)
         nblk = -(-lmax // bs)
-        tables = torch.tensor([s.seq.block_table[:nblk] + [0] * (nblk - len(s.seq.block_table[:nblk]))
-                               for s in group], dtype=torch.long, device=dev)
+        tables = torch.tensor(self._padded_tables(group, nblk), dtype=torch.long, device=dev)
         gather = (tables.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).reshape(len(group), -1)
         ctx = torch.tensor(lens, dtype=torch.long, device=dev)
         valid = torch.arange(lmax, device=dev).unsqueeze(0) < ctx.unsqueeze(1)

@@ -1,6 +1,6 @@
 // Paged decode attention for CPUs: one query token per sequence, K/V read in place from the
 // block-paged cache (no gather copy), float32 math with an online softmax, OpenMP over
-// (sequence, KV head). Compiled at first use by engine/cpu_kernels.py with the machine's g++
+// sequences (split into KV-head ranges when there are too few sequences for the threads). Compiled at first use by engine/cpu_kernels.py with the machine's g++
 // (-O3 -march=native) and called through ctypes, which releases the GIL for the call.
 //
 // Cache layout (engine/model_runner.py): kv[slot][2 (k, v)][kv_heads][head_dim]; slot =
