@@ -118,7 +118,7 @@ class BlockPool:
         self._cached[block_hash] = block_id
 
     def reset_prefix_cache(self) -> None:
-        for h, bid in list(self._cached.items()):
+        for bid in list(self._cached.values()):
             self.blocks[bid].block_hash = None
         self._cached.clear()
 

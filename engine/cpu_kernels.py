@@ -70,8 +70,8 @@ class PagedDecodeKernel:
 
     def __init__(self, lib: ctypes.CDLL):
         fn = lib.paged_decode_attention
-        i, l, p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-        fn.argtypes = [i, p, l, l, p, p, i, p, p, l, l, i, i, i, i, i, ctypes.c_float, i, i]
+        i, n, p = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
+        fn.argtypes = [i, p, n, n, p, p, i, p, p, n, n, i, i, i, i, i, ctypes.c_float, i, i]
         fn.restype = i
         self._fn = fn
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import fields
-from typing import Any, Sequence as Seq
+from typing import Any
 
 from tqdm.auto import tqdm
 

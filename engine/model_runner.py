@@ -11,13 +11,13 @@ from . import attention, cpu_kernels, cpu_linear
 from .attention import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from .config import EngineConfig
 from .cpu_kernels import PagedDecodeKernel
+from .kv_budget import KVRequest, kv_budgets
 from .model_loader import check_source, load_error, resolve_device, resolve_dtype
 from .multimodal import VisionAdapter, is_vision_language
-from .scheduler import SchedulerOutput, ScheduledSeq
+from .scheduler import ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024
 
 
 class ModelRunner:
@@ -90,18 +90,13 @@ class ModelRunner:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def decide_num_blocks(self) -> int:
-        """Blocks from an explicit count, an explicit byte budget, or (CUDA) free memory."""
+        """Blocks from an explicit count, else from the budget :func:`kv_budgets` gives a lone
+        model (an explicit byte budget, CUDA free memory, or the CPU default)."""
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        if cfg.kv_cache_memory is not None:
-            budget = cfg.kv_cache_memory
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            reserve = total * (1.0 - cfg.gpu_memory_utilization)
-            budget = int(max(free - reserve, 0))
-        else:
-            budget = DEFAULT_CPU_KV_BYTES
+        budget = kv_budgets(self.device, {"model": KVRequest(cfg.kv_cache_memory)},
+                            cfg.gpu_memory_utilization)["model"]
         n = budget // self.bytes_per_block
         if n < 1:
             raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block "

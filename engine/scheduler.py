@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache_manager import KVCacheManager
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ScheduledSeq:
     completes: bool = False
 
     @classmethod
-    def of(cls, seq: Sequence, n: int) -> "ScheduledSeq":
+    def of(cls, seq: Sequence, n: int) -> ScheduledSeq:
         return cls(seq, n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens)
 
 

@@ -25,7 +25,7 @@ class Sequence:
     """
 
     seq_id: int
-    request: "Request | None"
+    request: Request | None
     token_ids: list[int]
     num_prompt_tokens: int
     index: int = 0  # the choice index within its request

@@ -1,1 +1,1 @@
-"""Manager process (arrives with its own issue; see ../shared/SPEC.md)."""
+"""The manager: the worker registry in Redis, the embedded router and the dashboard."""

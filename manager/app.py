@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import redis.asyncio as aioredis
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ValidationError
 
-from router.app import bearer, create_router_app, matches
+from clusterkit.auth import require_bearer
+from clusterkit.errors import APIError, validation_error
+from clusterkit.registry import HeartbeatBody, RegisterBody, Registry
+from router.app import create_router_app
 from router.settings import RouterSettings
-from worker.errors import APIError
 
 from .dashboard import PAGE
-from .registry import Registry
 
 log = logging.getLogger("manager")
 
 
 def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
                        sweep_interval: float | None = None) -> FastAPI:
+    """The router's app (serve it through ``router.app.entrypoint``) with the registry's write
+    endpoints, a periodic sweep of silent workers and the dashboard."""
     registry = Registry(redis_client, settings.heartbeat_ttl)
-    scheduler = AsyncIOScheduler()
 
     async def sweep():
         try:
@@ -34,53 +36,38 @@ def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
         for wid in gone:
             log.info("evicted worker %s (no heartbeat for %.0fs)", wid, settings.heartbeat_ttl)
 
-    async def start():
+    async def schedule_sweep(scheduler: AsyncIOScheduler):
         scheduler.add_job(sweep, "interval", seconds=sweep_interval or max(0.5, settings.heartbeat_ttl / 5),
-                          max_instances=1, coalesce=True, id="sweep")
-        scheduler.start()
+                          max_instances=1, coalesce=True, misfire_grace_time=None, id="sweep")
 
-    async def stop():
-        if scheduler.running:
-            scheduler.shutdown(wait=False)
-
-    app = create_router_app(settings, redis_client, title="llm-cluster manager", on_startup=[start],
-                            on_shutdown=[stop])
+    app = create_router_app(settings, redis_client, title="llm-cluster manager", on_startup=[schedule_sweep])
     view = app.state.view
+    workers = [settings.worker_token] if settings.worker_token else []
 
     def require_worker(request: Request) -> None:
         # Checked before the body is read: unauthenticated writes cost nothing.
-        if settings.worker_token and not matches(bearer(request), [settings.worker_token]):
-            raise APIError(401, "worker token required", None, "invalid_worker_token")
+        require_bearer(request.scope["headers"], workers, "worker token required", "invalid_worker_token")
 
-    async def json_body(request: Request) -> dict:
+    async def body_of(request: Request, model: type[BaseModel]):
         try:
-            body = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}", None) from e
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", None)
-        return body
+            return model.model_validate_json(await request.body() or b"{}")
+        except ValidationError as e:
+            raise validation_error(e.errors(include_url=False)) from None
 
     @app.post("/workers")
     async def register(request: Request):
         require_worker(request)
-        body = await json_body(request)
-        wid, url, models = body.get("id"), body.get("url"), body.get("models")
-        if not isinstance(wid, str) or not wid or not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise APIError(400, "id (string) and url (http(s) URL) are required", "id")
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("name"), str)
-                                                   for m in models):
-            raise APIError(400, "models must be a list of {name, kind, max_model_len}", "models")
-        info = await registry.register(wid, url, models, body.get("load") or {})
+        body = await body_of(request, RegisterBody)
+        info = await registry.register(body)
         await view.resync()
-        log.info("registered worker %s at %s with %s", wid, url, info.model_names)
-        return {"id": wid, "heartbeat_ttl": settings.heartbeat_ttl}
+        log.info("registered worker %s at %s with %s", body.id, body.url, info.model_names)
+        return {"id": body.id, "heartbeat_ttl": settings.heartbeat_ttl}
 
     @app.post("/workers/{wid}/heartbeat")
     async def heartbeat(wid: str, request: Request):
         require_worker(request)
-        body = await json_body(request)
-        if not await registry.heartbeat(wid, body.get("load") or {}):
+        body = await body_of(request, HeartbeatBody)
+        if not await registry.heartbeat(wid, body.load):
             raise APIError(404, f"unknown worker {wid!r}; register again", "id", "unknown_worker")
         return {"ok": True}
 

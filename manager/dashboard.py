@@ -29,8 +29,8 @@ async function refresh() {
       const tr = document.createElement("tr"); tr.className = "worker-row"; tr.dataset.id = w.id;
       cell(tr, w.id); cell(tr, w.url); cell(tr, w.models.join(", ")); cell(tr, w.status, w.status);
       cell(tr, String(w.inflight));
-      cell(tr, Object.entries(w.load || {}).map(([m, l]) =>
-        `${m}: ${l.num_running ?? 0} / ${l.num_waiting ?? 0} / ${Math.round(100 * (l.kv_cache_usage ?? 0))}%`).join("; "));
+      cell(tr, Object.entries(w.load || {}).map(([m, l]) => `${m}: ${l.num_running ?? 0} / ` +
+        `${l.num_waiting ?? 0} / ${Math.round(100 * (l.kv_cache_usage ?? 0))}%`).join("; "));
       cell(tr, Math.max(0, Date.now() / 1000 - w.last_heartbeat).toFixed(1) + " s ago", "muted");
       wt.appendChild(tr);
       for (const m of w.models) (models[m] ||= []).push(w.id);

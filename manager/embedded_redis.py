@@ -49,7 +49,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"]
         if self.persist and self.data_dir is not None:

@@ -1,1 +1,1 @@
-"""Router process (arrives with its own issue; see ../shared/SPEC.md)."""
+"""A routing replica: OpenAI endpoints forwarded to live workers read from the shared Redis registry."""

@@ -7,13 +7,16 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from manager.registry import Registry
-from worker.errors import APIError, BodyLimit, error_response, install as install_errors
+from clusterkit.asgi import install_error_handlers
+from clusterkit.auth import require_bearer
+from clusterkit.errors import APIError, ErrorTable
+from clusterkit.registry import Registry
 
-from .front import ProxyRoutes, key_allowed
+from .front import ProxyRoutes
 from .inflight import InFlight
 from .metrics import RouterMetrics
 from .policies import Picker, PrefixIndex
@@ -24,16 +27,7 @@ from .state import RegistryView
 
 log = logging.getLogger("router")
 
-Hook = Callable[[], Awaitable[None]]
-
-
-def bearer(request: Request) -> str:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-
-
-def matches(given: str, allowed: list[str]) -> bool:
-    return key_allowed(given, allowed)
+Hook = Callable[[AsyncIOScheduler], Awaitable[None]]
 
 
 def entrypoint(app: FastAPI) -> ProxyRoutes:
@@ -45,65 +39,58 @@ def entrypoint(app: FastAPI) -> ProxyRoutes:
 
 
 def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, title: str = "llm-cluster router",
-                      on_startup: list[Hook] | None = None, on_shutdown: list[Hook] | None = None) -> FastAPI:
+                      on_startup: list[Hook] | None = None) -> FastAPI:
+    """The router's FastAPI app (serve it through :func:`entrypoint`). Periodic jobs (registry
+    resyncs, in-flight count exchange, and whatever ``on_startup`` hooks add) run on one
+    apscheduler scheduler that lives as long as the app."""
     registry = Registry(redis_client, settings.heartbeat_ttl)
-    view = RegistryView(registry, settings.resync_interval)
+    view = RegistryView(registry)
     inflight = InFlight(redis_client)
     picker = Picker(settings.policy, inflight.total, PrefixIndex(settings.prefix_index_size))
     limiter = RateLimiter(redis_client, settings.requests_per_minute, settings.tokens_per_minute)
+    metrics = RouterMetrics(lambda: {wid: inflight.total(wid) for wid in view.workers},
+                            lambda: proxy.breaker.states())
+    proxy = Proxy(view, picker, inflight, metrics, settings)
+    scheduler = AsyncIOScheduler()
 
-    def inflight_all() -> dict[str, int]:
-        return {wid: inflight.total(wid) for wid in view.workers}
-
-    metrics = RouterMetrics(inflight_all, lambda: proxy.breaker.states())
-    proxy = Proxy(view, picker, inflight, metrics, settings.worker_token, settings.max_attempts)
+    async def resync() -> None:
+        await view.resync()
+        proxy.breaker.forget(set(view.workers))  # workers gone from the registry
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await view.start()
-        await inflight.start()
+        every = dict(trigger="interval", max_instances=1, coalesce=True, misfire_grace_time=None)
+        scheduler.add_job(resync, seconds=settings.resync_interval, id="resync", **every)
+        scheduler.add_job(inflight.sync_quietly, seconds=inflight.interval, id="inflight", **every)
         for hook in on_startup or []:
-            await hook()
+            await hook(scheduler)
+        scheduler.start()
         log.info("router ready: policy=%s workers=%d redis=%s", settings.policy, len(view.workers),
                  "ok" if view.redis_ok else "unreachable")
         try:
             yield
         finally:
-            for hook in on_shutdown or []:
-                await hook()
+            scheduler.shutdown(wait=False)
             await inflight.stop()
             await view.stop()
             proxy.close()
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.view, app.state.registry, app.state.inflight = view, registry, inflight
-    app.state.picker, app.state.settings, app.state.metrics = picker, settings, metrics
-    app.state.proxy = proxy
-    install_errors(app)
-    app.state.limiter = limiter
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-
-    def require_client(request: Request) -> str:
-        if not settings.api_keys:
-            return request.client.host if request.client else "anonymous"
-        key = bearer(request)
-        if not key or not matches(key, settings.api_keys):
-            raise APIError(401, "missing or invalid API key", None, "invalid_api_key")
-        return key
+    app.state.view, app.state.registry, app.state.settings = view, registry, settings
+    app.state.metrics, app.state.proxy, app.state.limiter = metrics, proxy, limiter
+    install_error_handlers(app, ErrorTable(), settings.max_body_bytes)
 
     def require_reader(request: Request) -> None:
         allowed = list(settings.api_keys) + ([settings.worker_token] if settings.worker_token else [])
-        if allowed and not matches(bearer(request), allowed):
-            raise APIError(401, "a client key or the worker token is required", None, "invalid_api_key")
-
-    app.state.require_reader = require_reader
+        require_bearer(request.scope["headers"], allowed, "a client key or the worker token is required")
 
     @app.get("/health")
     async def health():
         try:
             await redis_client.ping()
         except Exception as e:
-            return error_response(503, f"redis unreachable: {type(e).__name__}", None)
+            raise APIError(503, f"redis unreachable: {type(e).__name__}") from None
         return {"status": "ok", "workers": len(view.live())}
 
     @app.get("/metrics")
@@ -112,7 +99,7 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
 
     @app.get("/v1/models")
     async def models(request: Request):
-        require_client(request)
+        require_bearer(request.scope["headers"], settings.api_keys)
         return {"object": "list", "data": [
             {"id": m["name"], "object": "model", "created": 0, "owned_by": "llm-cluster",
              "max_model_len": m.get("max_model_len"), "kind": m.get("kind")} for m in view.models()]}

@@ -8,7 +8,6 @@ hash simply expires.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections import Counter
@@ -20,13 +19,15 @@ KEY = "llmc:inflight:"
 
 
 class InFlight:
+    """Exact local in-flight counts per worker plus the other replicas' (the app schedules
+    :meth:`sync_quietly` every ``interval`` seconds)."""
+
     def __init__(self, client: aioredis.Redis, replica_id: str | None = None, interval: float = 0.2):
         self.r = client
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.interval = interval
         self.local: Counter[str] = Counter()
         self.remote: dict[str, int] = {}
-        self._task: asyncio.Task | None = None
 
     def inc(self, wid: str) -> None:
         self.local[wid] += 1
@@ -39,13 +40,8 @@ class InFlight:
     def total(self, wid: str) -> int:
         return self.local.get(wid, 0) + self.remote.get(wid, 0)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Withdraw this replica's counts."""
         try:
             await self.r.delete(KEY + self.replica_id)
         except Exception:
@@ -67,12 +63,9 @@ class InFlight:
                 others[wid] += int(n)
         self.remote = dict(others)
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.debug("in-flight sync failed: %s", type(e).__name__)
-            await asyncio.sleep(self.interval)
+    async def sync_quietly(self) -> None:
+        """:meth:`sync`, for the scheduler: a Redis outage is logged, not raised."""
+        try:
+            await self.sync()
+        except Exception as e:
+            log.debug("in-flight sync failed: %s", type(e).__name__)

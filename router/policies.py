@@ -7,7 +7,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable
 
-from manager.registry import WorkerInfo
+from clusterkit.registry import WorkerInfo
 
 POLICIES = ("least_load", "round_robin", "power_of_two", "prefix_affinity")
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 
-from manager.registry import WorkerInfo
-from worker.asgi import DisconnectWatch, send_error
-from worker.errors import error_body
+from clusterkit.asgi import DisconnectWatch, send_error
+from clusterkit.errors import error_body
+from clusterkit.registry import WorkerInfo
 
+from .breaker import Breakers
 from .inflight import InFlight
 from .metrics import RouterMetrics
 from .policies import Picker
+from .settings import RouterSettings
 from .state import RegistryView
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
@@ -28,42 +29,6 @@ RETRY_STATUSES = {429, 500, 502, 503, 504}
 DROP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
 
 
-@dataclass
-class Breaker:
-    """Per-worker circuit breaker: open after ``threshold`` consecutive failures, half-open after
-    ``cooldown`` seconds (one trial request), closed again on success."""
-
-    threshold: int = 3
-    cooldown: float = 5.0
-    failures: dict[str, int] = field(default_factory=dict)
-    opened_at: dict[str, float] = field(default_factory=dict)
-
-    def allows(self, wid: str) -> bool:
-        t = self.opened_at.get(wid)
-        if t is None:
-            return True
-        if time.monotonic() - t >= self.cooldown:
-            self.opened_at[wid] = time.monotonic()  # half-open: let one through, re-arm
-            return True
-        return False
-
-    def success(self, wid: str) -> None:
-        if self.failures:
-            self.failures.pop(wid, None)
-            self.opened_at.pop(wid, None)
-
-    def failure(self, wid: str) -> None:
-        n = self.failures.get(wid, 0) + 1
-        self.failures[wid] = n
-        if n >= self.threshold:
-            if wid not in self.opened_at:
-                log.warning("circuit breaker open for worker %s after %d failures", wid, n)
-            self.opened_at[wid] = time.monotonic()
-
-    def states(self) -> dict[str, int]:
-        return {wid: 1 for wid in self.opened_at}
-
-
 def sse_error(message: str, code: int = 502) -> bytes:
     return f"data: {json.dumps(error_body(code, message))}\n\n".encode()
 
@@ -72,12 +37,15 @@ class Proxy:
     """Routes requests over the live workers of a model through one shared :class:`UpstreamPool`."""
 
     def __init__(self, view: RegistryView, picker: Picker, inflight: InFlight, metrics: RouterMetrics,
-                 worker_token: str | None = None, max_attempts: int = 3, connect_timeout: float = 3.0):
+                 settings: RouterSettings):
         self.view, self.picker, self.inflight, self.metrics = view, picker, inflight, metrics
-        self.breaker = Breaker()
-        self.max_attempts = max_attempts
-        self.pool = UpstreamPool({"authorization": f"Bearer {worker_token}"} if worker_token else None,
-                                 connect_timeout=connect_timeout)
+        self.breaker = Breakers()
+        self.max_attempts = settings.max_attempts
+        self.first_byte_timeout = settings.first_byte_timeout
+        self.idle_timeout = settings.stream_idle_timeout
+        token = settings.worker_token
+        self.pool = UpstreamPool({"authorization": f"Bearer {token}"} if token else None,
+                                 connect_timeout=settings.connect_timeout)
 
     def close(self) -> None:
         self.pool.close()
@@ -109,14 +77,18 @@ class Proxy:
             w = self.picker.pick(model, cands, prompt_text)
             tried.add(w.id)
             self.inflight.inc(w.id)
+            self.breaker.begin(w.id)
             ex: Exchange | None = None
+            settled = False  # the breaker heard how this attempt went
+            deadline = time.monotonic() + self.first_byte_timeout
             try:
                 ex = self.pool.post(w.url, path, body)
                 watch.on_gone = ex.abort  # closing the connection is what cancels the work upstream
-                await ex.start()
+                await ex.start(self.first_byte_timeout)
                 if ex.status in RETRY_STATUSES:
                     if ex.status >= 500:
                         self.breaker.failure(w.id)
+                        settled = True
                     last_error, status_for_none = f"worker {w.id} answered {ex.status}", ex.status
                     m.retries.labels(model, str(ex.status)).inc()
                     continue
@@ -124,30 +96,36 @@ class Proxy:
                 headers.append((b"x-llmc-worker", w.id.encode()))  # which worker served it
                 ctype = ex.header(b"content-type") or b""
                 if not ctype.startswith(b"text/event-stream"):
-                    content = await ex.read()  # whole body first: a failure now can still be retried
+                    # The whole body first: a failure now can still be retried.
+                    content = await ex.read(self.idle_timeout)
                     self.breaker.success(w.id)
+                    settled = True
                     m.latency.labels(model, endpoint).observe(time.perf_counter() - start)
                     headers.append((b"content-length", b"%d" % len(content)))
                     await send({"type": "http.response.start", "status": ex.status, "headers": headers})
                     await send({"type": "http.response.body", "body": content})
                     return str(ex.status)
-                # Streaming: hold the head until the first chunk, so a worker that dies before
-                # producing anything is still retried invisibly.
-                first = await ex.next_chunk()
+                # Streaming: hold the head until the first event, so a worker that dies or stalls
+                # before producing anything is still retried invisibly.
+                first = await ex.next_data(max(0.001, deadline - time.monotonic()))
                 if first is None:
                     raise UpstreamError("stream ended before any event")
                 self.breaker.success(w.id)
+                settled = True
                 m.latency.labels(model, endpoint).observe(time.perf_counter() - start)
                 return await self._relay(watch, send, ex, first, headers, model, w.id)
             except UpstreamError as e:
                 if watch.gone:
                     return "499"
                 self.breaker.failure(w.id)
-                kind = "connect" if e.kind == "connect" else ("read" if ex.status else "no-response")
+                settled = True
+                kind = e.kind if e.kind in ("connect", "timeout") else ("read" if ex.status else "no-response")
                 last_error = f"worker {w.id} failed ({kind}: {e})"
-                status_for_none = 502
+                status_for_none = 504 if kind == "timeout" else 502
                 m.retries.labels(model, kind).inc()
             finally:
+                if not settled:
+                    self.breaker.release(w.id)
                 if ex is not None:
                     ex.close()
                 watch.on_gone = None
@@ -158,27 +136,30 @@ class Proxy:
         if status_for_none == 503 and not tried:
             await send_error(send, 503, f"no live worker serves model {model!r}", "model")
             return "503"
-        status = status_for_none if status_for_none in (429, 503) else 502
+        status = status_for_none if status_for_none in (429, 503, 504) else 502
         await send_error(send, status, f"all attempts failed: {last_error}")
         return str(status)
 
     async def _relay(self, watch: DisconnectWatch, send, ex: Exchange, first: bytes, headers, model: str,
                      wid: str) -> str:
-        """Pass SSE bytes through unchanged; a cut stream ends with an error event, never silently."""
+        """Pass SSE bytes through unchanged, everything buffered in one write; a cut or stalled
+        stream ends with an error event, never silently."""
         await send({"type": "http.response.start", "status": ex.status, "headers": headers})
-        chunk: bytes | None = first
+        data: bytes | None = first
+        idle = self.idle_timeout
         try:
-            while chunk is not None:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            while data is not None:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
                 if watch.gone:
                     return "499"
-                chunk = await ex.next_chunk()
+                data = await ex.next_data(idle)
         except UpstreamError as e:
             if watch.gone:
                 return "499"
             self.breaker.failure(wid)
-            self.metrics.errors.labels(model, "stream_cut").inc()
-            log.warning("stream from worker %s cut: %s", wid, e)
+            self.metrics.errors.labels(model, "stream_stalled" if e.kind == "timeout" else "stream_cut").inc()
+            log.warning("stream from worker %s %s: %s", wid, "stalled" if e.kind == "timeout" else "cut", e)
+            ex.abort()  # the worker sees the client leave and frees the request
             await send({"type": "http.response.body", "more_body": True,
                         "body": sse_error(f"upstream worker {wid} failed mid-stream ({e})") + b"data: [DONE]\n\n"})
             await send({"type": "http.response.body", "body": b""})

@@ -1,30 +1,58 @@
-"""Settings shared by the router replica and the manager's embedded router."""
+"""Settings of a routing replica, shared by ``python -m router`` and the manager's embedded router."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from clusterkit.config import ByteSize, config_error, merge
+
+Policy = Literal["least_load", "round_robin", "power_of_two", "prefix_affinity"]
+POLICIES: tuple[str, ...] = Policy.__args__
 
 
-@dataclass
-class RouterSettings:
+class RouterSettings(BaseModel):
+    """Every router setting with its default (documented in config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     host: str = "0.0.0.0"
-    port: int = 8001
+    port: int = Field(8001, ge=0, le=65535)
     redis_url: str | None = None
     worker_token: str | None = None
-    api_keys: list[str] = field(default_factory=list)
-    policy: str = "least_load"
-    heartbeat_ttl: float = 15.0
-    requests_per_minute: int = 0  # per client key; 0 = unlimited
-    tokens_per_minute: int = 0
-    max_attempts: int = 3
-    resync_interval: float = 2.0
-    prefix_index_size: int = 100_000
-    max_body_bytes: int = 32 * 2**20
+    api_keys: list[str] = Field(default_factory=list)
+    policy: Policy = "least_load"
+    heartbeat_ttl: float = Field(15.0, gt=0)
+    requests_per_minute: int = Field(0, ge=0)  # per client key; 0 = unlimited
+    tokens_per_minute: int = Field(0, ge=0)
+    max_attempts: int = Field(3, ge=1)
+    resync_interval: float = Field(2.0, gt=0)
+    prefix_index_size: int = Field(100_000, ge=1)
+    max_body_bytes: ByteSize = Field(32 * 2**20, gt=0)
+    connect_timeout: float = Field(3.0, gt=0)
+    # A non-streamed answer's head comes when it is complete, so this bounds whole non-streamed
+    # requests too; a stream's first event counts as its first byte.
+    first_byte_timeout: float = Field(300.0, gt=0)
+    stream_idle_timeout: float = Field(120.0, gt=0)
 
-    def apply_env(self, env=os.environ) -> "RouterSettings":
-        if env.get("WORKER_TOKEN") and not self.worker_token:
-            self.worker_token = env["WORKER_TOKEN"]
-        if env.get("ROUTER_API_KEYS") and not self.api_keys:
-            self.api_keys = [k.strip() for k in env["ROUTER_API_KEYS"].split(",") if k.strip()]
-        return self
+
+def env_secrets(env=os.environ) -> dict:
+    """Secrets from the environment (WORKER_TOKEN, ROUTER_API_KEYS comma-separated)."""
+    out: dict = {}
+    if env.get("WORKER_TOKEN"):
+        out["worker_token"] = env["WORKER_TOKEN"]
+    keys = [k.strip() for k in env.get("ROUTER_API_KEYS", "").split(",") if k.strip()]
+    if keys:
+        out["api_keys"] = keys
+    return out
+
+
+def build_settings(section: dict | None, flags: dict, defaults: dict | None = None,
+                   where: str = "router", env=os.environ) -> RouterSettings:
+    """Defaults < the file's section < environment secrets < flags."""
+    try:
+        return RouterSettings.model_validate(merge(defaults, section, env_secrets(env), flags))
+    except ValidationError as e:
+        raise config_error(e, where) from None

@@ -6,25 +6,24 @@ import asyncio
 import logging
 import time
 
-from manager.registry import EVENTS, Registry, WorkerInfo
+from clusterkit.registry import EVENTS, Registry, WorkerInfo
 
 log = logging.getLogger("router.state")
 
 
 class RegistryView:
-    """Snapshot of live workers, refreshed by Redis pub/sub events and a full resync every
-    ``resync_interval`` seconds (which also heals missed events and Redis restarts)."""
+    """Snapshot of live workers, refreshed by Redis pub/sub events, plus full resyncs (the app
+    schedules :meth:`resync` periodically; that heals missed events and Redis restarts)."""
 
-    def __init__(self, registry: Registry, resync_interval: float = 2.0):
+    def __init__(self, registry: Registry):
         self.registry = registry
-        self.resync_interval = resync_interval
         self.workers: dict[str, WorkerInfo] = {}
         self.redis_ok = False
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         await self.resync()
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._resync_loop())]
+        self._tasks = [asyncio.create_task(self._listen())]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -48,11 +47,6 @@ class RegistryView:
             self.workers.pop(wid, None)
         else:
             self.workers[wid] = info
-
-    async def _resync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.resync_interval)
-            await self.resync()
 
     async def _listen(self) -> None:
         backoff = 0.2

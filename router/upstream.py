@@ -25,8 +25,7 @@ class UpstreamError(Exception):
 
     def __init__(self, message: str, kind: str = "read"):
         super().__init__(message)
-        self.kind = kind  # "connect" or "read"
-
+        self.kind = kind  # "connect", "read" or "timeout"
 
 
 class Exchange:
@@ -37,7 +36,7 @@ class Exchange:
     __slots__ = ("pool", "key", "payload", "status", "headers", "conn", "aborted", "_chunks", "_buffered",
                  "_waiter", "_done", "_error", "_closed")
 
-    def __init__(self, pool: "UpstreamPool", key: tuple[str, int, bool], payload: bytes):
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool], payload: bytes):
         self.pool, self.key, self.payload = pool, key, payload
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -57,18 +56,20 @@ class Exchange:
                 return v
         return None
 
-    async def start(self) -> None:
-        """Send the request (on a pooled connection if one is alive) and wait for the head."""
+    async def start(self, timeout: float | None = None) -> None:
+        """Send the request (on a pooled connection if one is alive) and wait for the head, at
+        most ``timeout`` seconds after sending (then :class:`UpstreamError` of kind ``timeout``
+        and the connection is closed, which the worker sees as the client leaving)."""
         idle = self.pool.idle[self.key]
         while idle:
             conn = idle.pop()
             if conn.lost:
                 continue
             try:
-                await self._run(conn)
+                await self._run(conn, timeout)
                 return
-            except UpstreamError:
-                if conn.got_bytes or self.aborted:
+            except UpstreamError as e:
+                if conn.got_bytes or self.aborted or e.kind == "timeout":
                     raise
                 # Closed before answering: the worker dropped an idle connection as we reused it,
                 # so nothing was processed. Reset and try the next one.
@@ -77,17 +78,22 @@ class Exchange:
         if self.aborted:
             conn.close()
             raise UpstreamError("aborted")
-        await self._run(conn)
+        await self._run(conn, timeout)
 
-    async def _run(self, conn: "_Conn") -> None:
+    async def _run(self, conn: _Conn, timeout: float | None) -> None:
         self.conn = conn
         head = conn.begin(self)
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(
+            timeout, conn.head_timed_out, timeout)
         try:
             await head
         except BaseException:
             self.conn = None
             conn.close()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def abort(self) -> None:
         """Give up on this exchange now (safe at any stage, and more than once)."""
@@ -113,29 +119,46 @@ class Exchange:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def next_chunk(self) -> bytes | None:
-        """The next body chunk, or None at the end; raises :class:`UpstreamError` if the
-        connection broke mid-body."""
-        while not self._chunks:
-            if self._done:
+    async def next_data(self, idle_timeout: float | None = None) -> bytes | None:
+        """Every body byte buffered so far, waiting for some if there is none (at most
+        ``idle_timeout`` seconds: then :class:`UpstreamError` of kind ``timeout``); None at the
+        end; :class:`UpstreamError` if the connection broke mid-body. Taking all that is buffered
+        at once keeps the relay at one write per wake-up, however many chunks arrived."""
+        if not self._chunks:
+            await self._wait(idle_timeout)
+            if not self._chunks:
                 if self._error is not None:
                     raise self._error
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._buffered -= len(data)
-        if self._buffered < PAUSE_AT // 2 and self.conn is not None:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self.conn is not None:
             self.conn.resume()
         return data
 
-    async def read(self) -> bytes:
+    async def _wait(self, timeout: float | None) -> None:
+        while not self._chunks and not self._done:
+            loop = asyncio.get_running_loop()
+            self._waiter = w = loop.create_future()
+            timer = loop.call_later(timeout, self._time_out, w, timeout) if timeout is not None else None
+            try:
+                await w
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+    @staticmethod
+    def _time_out(w: asyncio.Future, timeout: float) -> None:
+        if not w.done():
+            w.set_exception(UpstreamError(f"no data from the worker for {timeout:g} s", "timeout"))
+
+    async def read(self, idle_timeout: float | None = None) -> bytes:
         """The whole remaining body."""
         parts = []
-        while (c := await self.next_chunk()) is not None:
+        while (c := await self.next_data(idle_timeout)) is not None:
             parts.append(c)
         return b"".join(parts)
 
@@ -153,7 +176,7 @@ class Exchange:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection to a worker, carrying one exchange at a time."""
 
-    def __init__(self, pool: "UpstreamPool", key: tuple[str, int, bool]):
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool]):
         self.pool, self.key = pool, key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -200,6 +223,10 @@ class _Conn(asyncio.Protocol):
         if self.ex is not None:
             self._fail("connection closed " + ("mid-body" if self.head is None or self.head.done()
                                                else "before the response"))
+
+    def head_timed_out(self, timeout: float) -> None:
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(UpstreamError(f"no response from the worker in {timeout:g} s", "timeout"))
 
     def _fail(self, message: str) -> None:
         err = UpstreamError(message)
@@ -278,7 +305,7 @@ class UpstreamPool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Conn(self, key), host, port, ssl=ctx), self.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+        except (TimeoutError, OSError, ssl.SSLError) as e:
             raise UpstreamError(f"{type(e).__name__}: {e}", "connect") from e
         return conn
 

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> int:
     import make_tiny_models
+
     from engine import LLM, SamplingParams
 
     models = ROOT / "models"

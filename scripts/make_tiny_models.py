@@ -40,7 +40,15 @@ VL_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 def corpus() -> list[str]:
     """Deterministic training text: docstrings of stdlib modules, plus multilingual lines."""
-    import collections, dataclasses, functools, itertools, json as js, os, re, string, textwrap
+    import collections
+    import dataclasses
+    import functools
+    import itertools
+    import json as js
+    import os
+    import re
+    import string
+    import textwrap
     texts = []
     for mod in (collections, dataclasses, functools, itertools, js, os, re, string, textwrap):
         texts.append(pydoc.render_doc(mod, renderer=pydoc.plaintext))

@@ -12,4 +12,7 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium missing and cannot be installed here (need root + apt-get)" >&2
   fi
 fi
+# SPEC §7's import contracts (pyproject.toml [tool.importlinter]) and the linter, before the suite.
+lint-imports --no-cache >/dev/null || { lint-imports --no-cache; exit 1; }
+ruff check --quiet .
 exec python3 -m pytest -q "$@"

@@ -8,7 +8,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from procs import start_manager, start_redis, start_router, start_worker, wait_until
 
 TOKEN = "worker-secret-1"

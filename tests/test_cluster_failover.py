@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from procs import start_manager, start_redis, start_worker, wait_until
 
 TOKEN = "failover-token"

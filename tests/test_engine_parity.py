@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import hf_greedy
+
 from engine import SamplingParams
 
 KINDS = ["llama", "qwen2", "qwen3", "mistral"]  # mistral: sliding window 24 is exercised

@@ -4,7 +4,6 @@ import pytest
 
 from engine import InvalidParameter, SamplingParams
 
-
 PROMPT = "Once upon a time in a land far away"
 
 

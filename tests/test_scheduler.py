@@ -2,7 +2,7 @@
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SeqStatus
+from engine.sequence import SeqStatus, Sequence
 
 
 def seq(n_tokens, sid):

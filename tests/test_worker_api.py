@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import hf_greedy
 from procs import start_worker
 

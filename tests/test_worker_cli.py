@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
-
 from procs import ROOT
-from worker.config import ConfigError, build_config, parse_bytes, parse_model_spec
+
+from clusterkit.config import ConfigError, load_yaml, parse_bytes
+from worker.config import build_config, parse_model_spec
 
 
 def run_worker(*args, timeout=120):
@@ -35,15 +36,13 @@ def test_flags_win_over_file_and_file_model_settings_apply():
     assert cfg.engine_config(cfg.models[1], "cpu").max_model_len is None
     cfg = build_config(data, {}, env={"WORKER_TOKEN": "t"})
     assert cfg.worker_token == "t" and cfg.models[0].source == "/m/small"
-    with pytest.raises(ConfigError, match="unknown worker settings"):
+    with pytest.raises(ConfigError, match="unknown worker setting .prot."):
         build_config({"worker": {"prot": 1, "models": [{"source": "x"}]}}, {}, env={})
     with pytest.raises(ConfigError, match="duplicate"):
         build_config({}, {"models": "a=x,a=y"}, env={})
 
 
 def test_repo_config_yaml_is_valid():
-    from worker.config import load_yaml
-
     cfg = build_config(load_yaml(str(ROOT / "config.yaml")), {"models": "x=/m/x"}, env={})
     assert cfg.port == 8100 and cfg.heartbeat_interval == 5
 

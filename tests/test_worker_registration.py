@@ -9,7 +9,6 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
 from procs import free_port, start_worker
 
 

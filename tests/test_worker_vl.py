@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-
 from procs import start_manager, start_worker, wait_until
 from test_vl_parity import hf_generate, image, png
 

@@ -1,1 +1,1 @@
-"""Worker process (arrives with its own issue; see ../shared/SPEC.md)."""
+"""A worker: a VLLMManager of engines, one per model, behind an OpenAI-compatible API, joined to the cluster."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import gc
-import logging
 import os
-import socket
-import sys
 
-from .config import ConfigError, build_config, load_yaml
+from clusterkit import cli
+from clusterkit.config import ConfigError, load_yaml
+
+from .config import build_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,59 +27,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _server_class():
-    import contextlib
-    import signal
-
-    import uvicorn
-
-    class CleanExitServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after a graceful shutdown; we exit 0 instead."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-
-    return CleanExitServer
-
-
-def fail(reason: str) -> int:
-    print(f"worker: error: {reason}", file=sys.stderr, flush=True)
-    return 1
-
-
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from e
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "apscheduler"):  # one line per heartbeat is noise, not news
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging(args.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cfg = build_config(load_yaml(args.config), vars(args))
-        _check_port(cfg.host, cfg.port)
-    except (ConfigError, ValueError) as e:
-        return fail(str(e))
-
-    import uvicorn
+        cli.check_port(cfg.host, cfg.port)
+    except ConfigError as e:
+        return cli.fail("worker", str(e))
 
     from engine.model_loader import ModelLoadError
-
-    CleanExitServer = _server_class()
 
     from .api import create_app, entrypoint
     from .registration import Registrar
@@ -90,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manager.load_all()
     except (ModelLoadError, ValueError) as e:
-        return fail(str(e).splitlines()[0])
+        return cli.fail("worker", str(e).splitlines()[0])
     registrar = None
     if cfg.manager_url:
         public = cfg.public_url or f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
@@ -99,12 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         registrar = Registrar(cfg.manager_url, public, models, manager.load_report,
                               cfg.heartbeat_interval, cfg.worker_token)
     app = create_app(manager, cfg, registrar)
-    # Everything loaded so far (weights' modules, tokenizers, transformers' import graph) lives as
-    # long as the process. Freezing it keeps the cyclic GC from rescanning it: unfrozen, full
-    # collections under load paused serving for up to ~240 ms (p99 of one-token requests).
-    gc.collect()
-    gc.freeze()
-    server = CleanExitServer(uvicorn.Config(entrypoint(app), host=cfg.host, port=cfg.port, log_level="warning",
-                                           timeout_graceful_shutdown=10, access_log=False))
-    server.run()
-    return 0 if server.started else fail(f"server on {cfg.host}:{cfg.port} did not start")
+    if not cli.serve(entrypoint(app), cfg.host, cfg.port):
+        return cli.fail("worker", f"server on {cfg.host}:{cfg.port} did not start")
+    return 0

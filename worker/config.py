@@ -1,91 +1,104 @@
-"""Worker settings: defaults < config.yaml < environment (secrets) < command-line flags."""
+"""Worker settings: defaults < config.yaml < environment (secrets) < command-line flags.
+
+The settings are pydantic models that forbid unknown keys, so a typo in config.yaml is a one-line
+error at start-up rather than a setting silently left at its default."""
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from clusterkit.config import ByteSize, ConfigError, config_error, merge, parse_bytes
 from engine import EngineConfig
+from engine.kv_budget import DEFAULT_CPU_KV_BYTES, KVRequest
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-
-
-def parse_bytes(value: int | str | None) -> int | None:
-    """``512MiB``, ``2GB``, ``1048576`` -> bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB, 2GiB or a byte count)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# Engine settings config.yaml may give (engine_defaults, or per model); the rest are the worker's.
+ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {"model", "device", "gpu_memory_utilization"}
 
 
-class ConfigError(ValueError):
-    """Bad configuration; the message is the one-line reason printed on exit."""
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-@dataclass
-class ModelSettings:
+class ModelSettings(_Settings):
     """One served model: its name, where it comes from, and its engine settings."""
 
-    name: str
-    source: str
-    dtype: str | None = None
-    max_model_len: int | None = None
-    kv_cache_memory: int | None = None  # bytes (CPU; on CUDA overrides the share)
-    num_kv_blocks: int | None = None
-    gpu_memory_share: float | None = None  # share of the KV budget on CUDA; default: equal split
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    block_size: int | None = None
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    dtype: Dtype | None = None
+    max_model_len: int | None = Field(None, ge=1)
+    kv_cache_memory: ByteSize | None = Field(None, gt=0)  # bytes (CPU; on CUDA overrides the share)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    gpu_memory_share: float | None = Field(None, gt=0, le=1)  # of the CUDA KV budget; default: equal split
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    block_size: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     chat_template: str | None = None  # a template string, or a path to a .jinja file
 
+    def kv_request(self) -> KVRequest:
+        return KVRequest(self.kv_cache_memory, self.gpu_memory_share)
 
-@dataclass
-class WorkerConfig:
-    """Everything ``python -m worker`` needs."""
+    def read_chat_template(self) -> str | None:
+        """The configured template: a file's text when it names a template file, else itself."""
+        v = self.chat_template
+        if v is not None and len(v) < 4096 and Path(v).suffix in (".jinja", ".j2", ".txt") and Path(v).is_file():
+            return Path(v).read_text()
+        return v
 
-    models: list[ModelSettings] = field(default_factory=list)
+
+class WorkerConfig(_Settings):
+    """Everything ``python -m worker`` needs (each setting is documented in config.yaml)."""
+
+    models: list[ModelSettings] = Field(default_factory=list)
     host: str = "0.0.0.0"
-    port: int = 8100
+    port: int = Field(8100, ge=0, le=65535)
     manager_url: str | None = None
     public_url: str | None = None
     worker_token: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    heartbeat_interval: float = 5.0
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_memory: int = 256 * 2**20  # per model, when the model sets none
-    max_body_bytes: int = 32 * 2**20
-    media_dirs: list[str] = field(default_factory=list)  # file:// images are read only under these
-    allowed_image_domains: list[str] = field(default_factory=list)  # http(s) images only from these
-    max_image_bytes: int = 20 * 2**20  # per encoded image
-    max_image_pixels: int = 16_000_000  # per decoded image
-    engine_defaults: dict[str, Any] = field(default_factory=dict)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Dtype = "auto"
+    heartbeat_interval: float = Field(5.0, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_memory: ByteSize = Field(DEFAULT_CPU_KV_BYTES, gt=0)  # per model, when it sets none
+    max_body_bytes: ByteSize = Field(32 * 2**20, gt=0)
+    media_dirs: list[str] = Field(default_factory=list)  # file:// images are read only under these
+    allowed_image_domains: list[str] = Field(default_factory=list)  # http(s) images only from these
+    max_image_bytes: ByteSize = Field(20 * 2**20, gt=0)  # per encoded image
+    max_image_pixels: int = Field(16_000_000, gt=0)  # per decoded image
+    engine_defaults: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("engine_defaults")
+    @classmethod
+    def _engine_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - ENGINE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown engine settings {unknown}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v: list[ModelSettings]) -> list[ModelSettings]:
+        names = [m.name for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate served model names: {names}")
+        return v
 
     def engine_config(self, m: ModelSettings, device: str) -> EngineConfig:
-        """The engine settings of one model: defaults, then the model's own, then worker-wide."""
-        opts: dict[str, Any] = {k: v for k, v in self.engine_defaults.items() if v is not None}
-        for f in fields(ModelSettings):
-            v = getattr(m, f.name)
-            if f.name in {f2.name for f2 in fields(EngineConfig)} and v is not None:
-                opts[f.name] = v
-        opts["device"] = device
-        if m.dtype is None:
-            opts["dtype"] = self.dtype if self.dtype != "auto" else opts.get("dtype", "auto")
-        opts["gpu_memory_utilization"] = self.gpu_memory_utilization
+        """The engine settings of one model: engine defaults, then the model's own, then worker-wide."""
+        opts = {k: v for k, v in self.engine_defaults.items() if v is not None}
+        opts.update(m.model_dump(include=ENGINE_KEYS, exclude_none=True))
+        if m.dtype is None and self.dtype != "auto":
+            opts["dtype"] = self.dtype
         if "kv_cache_memory" in opts:
             opts["kv_cache_memory"] = parse_bytes(opts["kv_cache_memory"])
-        known = {f.name for f in fields(EngineConfig)}
-        return EngineConfig(model=m.source, **{k: v for k, v in opts.items() if k in known})
+        return EngineConfig(model=m.source, device=device, gpu_memory_utilization=self.gpu_memory_utilization,
+                            **opts)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -101,70 +114,42 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return spec, spec
 
 
-def load_yaml(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping")
-    return data
-
-
-def _model_settings(entry: dict[str, Any]) -> ModelSettings:
-    known = {f.name for f in fields(ModelSettings)}
-    unknown = set(entry) - known
-    if unknown:
-        raise ConfigError(f"unknown model settings {sorted(unknown)} for {entry.get('name')!r}")
-    entry = dict(entry)
-    if "source" not in entry:
-        raise ConfigError(f"model entry {entry} has no source")
-    entry.setdefault("name", entry["source"])
-    if entry.get("kv_cache_memory") is not None:
-        entry["kv_cache_memory"] = parse_bytes(entry["kv_cache_memory"])
-    return ModelSettings(**entry)
+def _models(file_models: list[dict], spec: str | None) -> list[dict]:
+    """The served models: ``--models`` when given (file entries with the same name or source
+    contribute their settings), else the file's list."""
+    entries = []
+    for e in file_models:
+        if not isinstance(e, dict) or "source" not in e:
+            raise ConfigError(f"model entry {e!r} has no source")
+        entries.append({"name": e["source"], **e})
+    if not spec:
+        return entries
+    by_name = {e["name"]: e for e in entries}
+    by_source = {e["source"]: e for e in entries}
+    out = []
+    for part in spec.split(","):
+        name, source = parse_model_spec(part)
+        base = by_name.get(name) or by_source.get(source) or {}
+        out.append({**base, "name": name, "source": source})
+    return out
 
 
 def build_config(file_data: dict[str, Any], flags: dict[str, Any], env: dict[str, str] | None = None
                  ) -> WorkerConfig:
-    """Merge the file's ``worker:`` section, secrets from the environment and flags (flags win)."""
+    """Merge the file's ``worker:`` and ``engine_defaults:`` sections, secrets from the environment
+    and flags (flags win); ConfigError with a one-line reason on anything invalid."""
     env = os.environ if env is None else env
     section = dict(file_data.get("worker") or {})
-    file_models = [_model_settings(m) for m in section.pop("models", None) or []]
-    cfg_fields = {f.name for f in fields(WorkerConfig)} - {"models", "engine_defaults"}
-    unknown = set(section) - cfg_fields
-    if unknown:
-        raise ConfigError(f"unknown worker settings in config: {sorted(unknown)}")
-    cfg = WorkerConfig(engine_defaults=dict(file_data.get("engine_defaults") or {}), **section)
-    if env.get("WORKER_TOKEN"):
-        cfg.worker_token = env["WORKER_TOKEN"]
-    for k, v in flags.items():
-        if v is not None and k in cfg_fields:
-            setattr(cfg, k, v)
-    cfg.cpu_kv_cache_memory = parse_bytes(cfg.cpu_kv_cache_memory)
-    cfg.max_body_bytes = parse_bytes(cfg.max_body_bytes)
-    cfg.max_image_bytes = parse_bytes(cfg.max_image_bytes)
-    if flags.get("models"):
-        by_name = {m.name: m for m in file_models}
-        by_source = {m.source: m for m in file_models}
-        models = []
-        for spec in str(flags["models"]).split(","):
-            name, source = parse_model_spec(spec)
-            base = by_name.get(name) or by_source.get(source)
-            models.append(replace(base, name=name, source=source) if base else ModelSettings(name, source))
-        cfg.models = models
-    else:
-        cfg.models = file_models
-    if not cfg.models:
+    flags = {k: v for k, v in flags.items() if k in WorkerConfig.model_fields and k != "models"} | \
+        {"models": flags.get("models")}
+    models = _models(section.pop("models", None) or [], flags.pop("models"))
+    if not models:
         raise ConfigError("no models: pass --models or list them under worker.models in the config")
-    names = [m.name for m in cfg.models]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"duplicate served model names: {names}")
-    if cfg.heartbeat_interval <= 0:
-        raise ConfigError("heartbeat_interval must be positive")
-    return cfg
+    secrets = {"worker_token": env["WORKER_TOKEN"]} if env.get("WORKER_TOKEN") else {}
+    values = merge(section, secrets, flags)
+    values["models"] = models
+    values["engine_defaults"] = dict(file_data.get("engine_defaults") or {})
+    try:
+        return WorkerConfig.model_validate(values)
+    except ValidationError as e:
+        raise config_error(e, "worker") from None

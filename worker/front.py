@@ -6,30 +6,27 @@ the engine does not get. So these skip FastAPI's per-request machinery (routing,
 resolution, ``jsonable_encoder``, response classes) and validate the body straight from JSON with
 pydantic. Everything else (models list, tokenize, health, metrics) goes on to FastAPI.
 
-A client that leaves is noticed by :class:`~worker.asgi.DisconnectWatch`, which cancels the
+A client that leaves is noticed by :class:`~clusterkit.asgi.DisconnectWatch`, which cancels the
 request's task: that cancellation is what aborts the engine request and frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from engine.sampling_params import InvalidParameter
+from clusterkit.asgi import DisconnectWatch, dumps, read_body, send_exception, send_json
+from clusterkit.auth import require_bearer
+from clusterkit.errors import APIError
 
-from . import serving
-from .asgi import (DisconnectWatch, bearer_of, dumps, key_allowed, read_body, send_error, send_internal_error,
-                   send_json)
-from .errors import APIError, validation_error
+from . import chat, completions, embeddings
+from .errors import ERRORS
 from .media import MediaPolicy
 from .metrics import WorkerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from .vllm_manager import ServedModel, UnknownModel, VLLMManager
-
-log = logging.getLogger("worker")
+from .vllm_manager import ServedModel, VLLMManager
 
 SSE_START = {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -57,25 +54,14 @@ class InferenceRoutes:
         try:
             if scope["method"] != "POST":
                 raise APIError(405, f"method {scope['method']} not allowed; use POST", None, "method_not_allowed")
-            if self.tokens and not key_allowed(bearer_of(scope["headers"]), self.tokens):
-                raise APIError(401, "missing or invalid bearer token", None, "invalid_api_key")
+            require_bearer(scope["headers"], self.tokens, "missing or invalid bearer token")
             raw = await read_body(scope, receive, self.max_body_bytes)
-            try:
-                req = route[0].model_validate_json(raw)
-            except ValidationError as e:
-                raise validation_error(e.errors(include_url=False)) from None
+            req = route[0].model_validate_json(raw)
             await self._serve(req, self._model(req.model, route[1]), receive, send)
-        except APIError as e:
-            await send_error(send, e.status, e.message, e.param, e.code)
-        except InvalidParameter as e:
-            await send_error(send, 400, str(e), e.param)
-        except UnknownModel as e:
-            await send_error(send, 404, f"The model `{e.args[0]}` does not exist.", "model", "model_not_found")
         except ConnectionAbortedError:
             pass  # the client left while sending its body
-        except Exception as e:  # a bug must cost one request, not the connection or the process
-            log.exception("error on %s", scope["path"])
-            await send_internal_error(send, f"internal error: {type(e).__name__}: {e}")
+        except Exception as e:  # a bad request costs an error answer; a bug costs one request
+            await send_exception(send, e, ERRORS, scope["path"])
 
     def _model(self, name: str, kind: str) -> ServedModel:
         served = self.manager.get(name)
@@ -113,13 +99,13 @@ class InferenceRoutes:
         """The whole response body, or the SSE events of a streamed one."""
         m = self.metrics
         if isinstance(req, EmbeddingRequest):
-            return await serving.embeddings(served, req)
+            return await embeddings.create(served, req)
         if isinstance(req, ChatCompletionRequest):
-            ids, params, mm = await serving.prepare_chat(served, req, self.media)
+            ids, params, mm = await chat.prepare(served, req, self.media)
             if req.stream:
-                return serving.chat_stream(served, req, ids, params, m, mm)
-            return await serving.chat_full(served, req, ids, params, m, mm)
-        items = serving.prepare_completion(served, req)
+                return chat.stream(served, req, ids, params, m, mm)
+            return await chat.full(served, req, ids, params, m, mm)
+        items = completions.prepare(served, req)
         if req.stream:
-            return serving.completion_stream(served, req, items, m)
-        return await serving.completion_full(served, req, items, m)
+            return completions.stream(served, req, items, m)
+        return await completions.full(served, req, items, m)

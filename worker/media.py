@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from .errors import APIError
+from clusterkit.errors import APIError
 
 
 @dataclass

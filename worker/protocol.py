@@ -86,20 +86,3 @@ class TokenizeRequest(_Req):
 class DetokenizeRequest(_Req):
     model: str
     tokens: list[int]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int = 0
-    total_tokens: int
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo

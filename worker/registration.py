@@ -10,6 +10,8 @@ from collections.abc import Callable
 import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from clusterkit.registry import HeartbeatBody, ModelInfo, RegisterBody
+
 log = logging.getLogger("worker.registration")
 
 MAX_BACKOFF_S = 60.0
@@ -20,8 +22,13 @@ class Registrar:
 
     Registers once every model is ready, heartbeats from an apscheduler job every ``interval``
     seconds with per-model load, registers again when the manager answers 404 (it lost us, e.g.
-    after a Redis restart), backs off exponentially while the manager is unreachable (the worker
-    keeps serving meanwhile), and deregisters on shutdown.
+    after a Redis restart), and deregisters on shutdown.
+
+    A heartbeat that fails is retried at once on a fresh connection (a busy manager may close an
+    idle keep-alive connection just as we reuse it), and later ones keep the normal cadence while
+    the manager's TTL has not run out, so one slow answer never costs the worker its place. Only
+    a manager that stays unreachable past the TTL gets exponential backoff (the worker keeps
+    serving meanwhile).
     """
 
     def __init__(self, manager_url: str, public_url: str, models: list[dict],
@@ -30,7 +37,7 @@ class Registrar:
                  timeout: float = 5.0):
         self.manager_url = manager_url.rstrip("/")
         self.public_url = public_url
-        self.models = models
+        self.models = [ModelInfo.model_validate(m) for m in models]
         self.load = load
         self.interval = interval
         self.worker_id = worker_id or uuid.uuid4().hex[:16]
@@ -38,15 +45,17 @@ class Registrar:
         self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
         self._scheduler = AsyncIOScheduler()
         self.registered = False
+        self.ttl = 3 * interval  # until the manager tells us its own
         self.failures = 0
         self._next_try = 0.0
+        self._last_ok = 0.0
         self.heartbeats_sent = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         await self._tick()
         self._scheduler.add_job(self._tick, "interval", seconds=self.interval, max_instances=1,
-                                coalesce=True, id="heartbeat")
+                                coalesce=True, misfire_grace_time=None, id="heartbeat")
         self._scheduler.start()
 
     async def stop(self) -> None:
@@ -62,19 +71,29 @@ class Registrar:
         await self._client.aclose()
 
     # -- protocol --------------------------------------------------------------------------------
-    def registration_body(self) -> dict:
-        return {"id": self.worker_id, "url": self.public_url, "models": self.models,
-                "load": self.load()}
+    def registration_body(self) -> RegisterBody:
+        return RegisterBody(id=self.worker_id, url=self.public_url, models=self.models, load=self.load())
+
+    async def _post(self, path: str, body) -> httpx.Response:
+        """POST once more on a fresh connection if the first attempt broke in transport: both
+        registry writes are idempotent."""
+        content = body.model_dump_json().encode()
+        headers = {"content-type": "application/json"}
+        try:
+            return await self._client.post(self.manager_url + path, content=content, headers=headers)
+        except httpx.TransportError as e:
+            log.debug("%s to the manager failed (%s); retrying once", path, type(e).__name__)
+            return await self._client.post(self.manager_url + path, content=content, headers=headers)
 
     async def register(self) -> None:
-        r = await self._client.post(f"{self.manager_url}/workers", json=self.registration_body())
+        r = await self._post("/workers", self.registration_body())
         r.raise_for_status()
         self.registered = True
+        self.ttl = float(r.json().get("heartbeat_ttl") or self.ttl)
         log.info("registered with %s as %s (%s)", self.manager_url, self.worker_id, self.public_url)
 
     async def heartbeat(self) -> None:
-        r = await self._client.post(f"{self.manager_url}/workers/{self.worker_id}/heartbeat",
-                                    json={"load": self.load()})
+        r = await self._post(f"/workers/{self.worker_id}/heartbeat", HeartbeatBody(load=self.load()))
         if r.status_code == 404:  # the manager forgot us: join again
             log.info("manager does not know %s any more; registering again", self.worker_id)
             self.registered = False
@@ -96,10 +115,16 @@ class Registrar:
                 log.info("manager reachable again after %d failed attempts", self.failures)
             self.failures = 0
             self._next_try = 0.0
+            self._last_ok = time.monotonic()
         except (httpx.HTTPError, OSError) as e:
             self.failures += 1
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if self.registered and time.monotonic() - self._last_ok < self.ttl:
+                # Still within the TTL: keep beating at the normal cadence.
+                log.warning("heartbeat to %s failed (%s%s); retrying in %.0fs", self.manager_url,
+                            type(e).__name__, f" {status}" if status else "", self.interval)
+                return
             delay = min(MAX_BACKOFF_S, self.interval * 2 ** (self.failures - 1))
             self._next_try = now + delay
-            status = getattr(getattr(e, "response", None), "status_code", None)
             log.warning("manager %s unreachable (%s%s); retrying in %.0fs, still serving",
                         self.manager_url, type(e).__name__, f" {status}" if status else "", delay)

@@ -1,0 +1,27 @@
+"""/tokenize and /detokenize, vLLM-shaped."""
+
+from __future__ import annotations
+
+from clusterkit.errors import APIError
+
+from .prompts import render_chat
+from .protocol import DetokenizeRequest, TokenizeRequest
+from .vllm_manager import ServedModel
+
+
+def tokenize(served: ServedModel, req: TokenizeRequest) -> dict:
+    if req.messages is not None:
+        ids = render_chat(served, req.messages, req.add_generation_prompt)
+    elif req.prompt is not None:
+        ids = served.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        raise APIError(400, "give prompt or messages", "prompt")
+    return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids}
+
+
+def detokenize(served: ServedModel, req: DetokenizeRequest) -> dict:
+    vocab = max(len(served.tokenizer), getattr(served.tokenizer, "vocab_size", 0))
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary", "tokens")
+    return {"prompt": served.tokenizer.decode(req.tokens)}
