@@ -196,3 +196,46 @@ def test_refused_and_truncated_responses_raise_upstream_errors():
             ex.close()
         pool.close()
     asyncio.run(main())
+
+
+def test_a_worker_that_never_answers_times_out_before_the_first_byte():
+    async def silent(req, writer):
+        await asyncio.sleep(30)  # accepts, reads the request, never answers
+
+    async def main():
+        async with ScriptedServer(silent) as srv:
+            pool = UpstreamPool()
+            ex = pool.post(srv.url, "/x", b"{}")
+            loop = asyncio.get_running_loop()
+            t = loop.time()
+            with pytest.raises(UpstreamError) as err:
+                await ex.start(timeout=0.3)
+            assert err.value.kind == "timeout" and 0.25 < loop.time() - t < 2.0
+            ex.close()
+            assert not any(pool.idle.values())  # that connection is closed, never reused
+            pool.close()
+    asyncio.run(main())
+
+
+def test_a_stalled_body_times_out_and_buffered_chunks_come_in_one_read():
+    async def stall(req, writer):
+        writer.write(SSE_HEAD)
+        for i in range(3):  # three events at once, then silence
+            data = b"data: %d\n\n" % i
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async def main():
+        async with ScriptedServer(stall) as srv:
+            pool = UpstreamPool()
+            ex = pool.post(srv.url, "/s", b"{}")
+            await ex.start(timeout=5)
+            await asyncio.sleep(0.2)  # let all three arrive
+            assert await ex.next_data(1.0) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+            with pytest.raises(UpstreamError) as err:
+                await ex.next_data(0.3)
+            assert err.value.kind == "timeout"
+            ex.close()
+            pool.close()
+    asyncio.run(main())

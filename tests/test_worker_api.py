@@ -280,10 +280,22 @@ def test_metrics_use_vllm_names(worker, client):
     assert metric(worker, "vllm:generation_tokens_total", "llama") >= 4
 
 
-def test_worker_token_guards_v1(model_dir, tmp_path):
+def test_worker_token_guards_v1_and_metrics_exist_from_start_up(model_dir, tmp_path):
     proc, url = start_worker(tmp_path, f"llama={model_dir / 'tiny-llama'}", "--worker-token", "s3cret",
                              ready_headers={"Authorization": "Bearer s3cret"})
     try:
+        # Before any request, every per-model series is there at zero (rate() works from the start).
+        text = httpx.get(f"{url}/metrics").text
+        for series in ('vllm:prompt_tokens_total{model_name="llama"} 0.0',
+                       'vllm:generation_tokens_total{model_name="llama"} 0.0',
+                       'vllm:request_success_total{finished_reason="stop",model_name="llama"} 0.0',
+                       'vllm:request_success_total{finished_reason="length",model_name="llama"} 0.0',
+                       'vllm:e2e_request_latency_seconds_count{model_name="llama"} 0.0',
+                       'vllm:time_to_first_token_seconds_count{model_name="llama"} 0.0',
+                       'vllm:prefix_cache_queries_total{model_name="llama"} 0.0',
+                       'vllm:prefix_cache_hits_total{model_name="llama"} 0.0',
+                       'vllm:num_preemptions_total{model_name="llama"} 0.0'):
+            assert series in text, series
         assert httpx.get(f"{url}/v1/models").status_code == 401
         r = httpx.post(f"{url}/v1/completions", json={"model": "llama", "prompt": "x"},
                        headers={"Authorization": "Bearer wrong"})
@@ -291,6 +303,11 @@ def test_worker_token_guards_v1(model_dir, tmp_path):
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert c.completions.create(model="llama", prompt="x", max_tokens=2).usage.completion_tokens >= 1
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no token
+        shared = "a prompt long enough to fill several KV blocks " * 6
+        for _ in range(2):
+            c.completions.create(model="llama", prompt=shared, max_tokens=1)
+        assert metric(url, "vllm:prefix_cache_queries_total", "llama") > 0
+        assert metric(url, "vllm:prefix_cache_hits_total", "llama") >= 32  # the second one hit
         assert "s3cret" not in proc.log()
     finally:
         proc.stop()
