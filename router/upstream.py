@@ -34,7 +34,7 @@ class Exchange:
     any point (the client left): it closes the connection, which the worker notices."""
 
     __slots__ = ("pool", "key", "payload", "status", "headers", "conn", "aborted", "_chunks", "_buffered",
-                 "_waiter", "_done", "_error", "_closed")
+                 "_waiter", "_done", "_error", "_closed", "_loop", "_last_data", "_idle_limit", "_idle_timer")
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, int, bool], payload: bytes):
         self.pool, self.key, self.payload = pool, key, payload
@@ -48,6 +48,10 @@ class Exchange:
         self._done = False
         self._error: Exception | None = None
         self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._last_data = 0.0  # loop time of the head or of the last body bytes
+        self._idle_limit = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """A response header by lower-case name."""
@@ -94,6 +98,7 @@ class Exchange:
         finally:
             if timer is not None:
                 timer.cancel()
+        self._last_data = self._loop.time()
 
     def abort(self) -> None:
         """Give up on this exchange now (safe at any stage, and more than once)."""
@@ -104,6 +109,7 @@ class Exchange:
     # called by the connection
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
+        self._last_data = self._loop.time()
         self._buffered += len(data)
         if self._buffered >= PAUSE_AT:
             self.conn.pause()
@@ -139,21 +145,29 @@ class Exchange:
         return data
 
     async def _wait(self, timeout: float | None) -> None:
+        # One idle timer per silence, not one per chunk: it is armed when a wait begins and,
+        # when it fires, re-armed for the rest of the limit if data came meanwhile.
         while not self._chunks and not self._done:
-            loop = asyncio.get_running_loop()
-            self._waiter = w = loop.create_future()
-            timer = loop.call_later(timeout, self._time_out, w, timeout) if timeout is not None else None
+            self._waiter = w = self._loop.create_future()
+            if timeout is not None:
+                self._idle_limit = timeout
+                if self._idle_timer is None:
+                    self._idle_timer = self._loop.call_at(self._last_data + timeout, self._check_idle)
             try:
                 await w
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
 
-    @staticmethod
-    def _time_out(w: asyncio.Future, timeout: float) -> None:
-        if not w.done():
-            w.set_exception(UpstreamError(f"no data from the worker for {timeout:g} s", "timeout"))
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        w = self._waiter
+        if w is None or w.done():
+            return  # not waiting: the next wait arms a new timer
+        due = self._last_data + self._idle_limit
+        if self._loop.time() >= due:
+            w.set_exception(UpstreamError(f"no data from the worker for {self._idle_limit:g} s", "timeout"))
+        else:
+            self._idle_timer = self._loop.call_at(due, self._check_idle)
 
     async def read(self, idle_timeout: float | None = None) -> bytes:
         """The whole remaining body."""
@@ -168,6 +182,9 @@ class Exchange:
         if self._closed:
             return
         self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.finished(reusable=self._done and self._error is None and not self._chunks)

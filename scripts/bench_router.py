@@ -7,7 +7,11 @@ Starts a manager (embedded Redis) and one worker serving a tiny model and the se
 model, then runs, alternating direct and routed rounds so drift hits both alike:
   1. 1-token non-streaming completions at concurrency 32 (tiny model): latency p50/p99 per round
      and the router's added latency (routed minus direct, per percentile, median over rounds);
-  2. streaming completions at concurrency 16 (serving-benchmark model): output tokens/s.
+  2. streaming completions at concurrency 16 (serving-benchmark model): output tokens/s;
+  3. 64 streams of the tiny model, where tokens are cheap and the per-chunk relay cost shows.
+
+``--ab-ref REV`` also starts REV's manager and worker (from a git worktree) and interleaves their
+rounds with this tree's: a same-run A/B of the router and the worker.
 
 The one-token rounds use wrk when it is installed (Debian's ``wrk``: C, so the client's own CPU
 does not distort a comparison on a small machine), else a Python client. The worker runs with one
@@ -120,6 +124,49 @@ def wrk_round(url: str, model: str, concurrency: int, seconds: int) -> dict:
     return res
 
 
+class Cluster:
+    """A manager (embedded Redis) and one worker serving ``tiny`` and ``stream``, run from ``tree``
+    (this checkout, or a git worktree of another commit for an A/B run)."""
+
+    def __init__(self, tree: Path, tag: str, args, tmp: Path):
+        self.tag, self.tree = tag, tree
+        mport, wport = free_port(), free_port()
+        d = tmp / tag
+        d.mkdir()
+        self.mgr = Server([sys.executable, "-m", "manager", "--host", "127.0.0.1", "--port", str(mport),
+                           "--data-dir", str(d / "redis"), "--log-level", "warning"], d / "manager.log", cwd=tree)
+        cfg = d / "worker.yaml"
+        cfg.write_text("engine_defaults:\n  max_num_seqs: 64\nworker:\n  cpu_kv_cache_memory: 512MiB\n")
+        self.worker = None
+        self.mgr.wait(f"http://127.0.0.1:{mport}/health")
+        self.worker = Server([sys.executable, "-m", "worker", "--models",
+                              f"tiny={Path(args.tiny_model).resolve()},stream={Path(args.stream_model).resolve()}",
+                              "--host", "127.0.0.1", "--port", str(wport), "--config", str(cfg), "--manager-url",
+                              f"http://127.0.0.1:{mport}", "--heartbeat-interval", "1", "--log-level", "warning"],
+                             d / "worker.log", env={"OMP_NUM_THREADS": "1"}, cwd=tree)
+        self.worker.wait(f"http://127.0.0.1:{wport}/health")
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"http://127.0.0.1:{mport}/v1/models").json()["data"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker never registered")
+            time.sleep(0.2)
+        self.urls = {"direct": f"http://127.0.0.1:{wport}/v1/completions",
+                     "router": f"http://127.0.0.1:{mport}/v1/completions"}
+
+    def stop(self):
+        if self.worker:
+            self.worker.stop()
+        self.mgr.stop()
+
+
+def worktree(ref: str, tmp: Path) -> Path:
+    """A checkout of ``ref`` beside this one (removed at the end)."""
+    path = tmp / "ab-base"
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True,
+                   capture_output=True)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny-model", default="models/tiny-llama")
@@ -132,6 +179,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-rounds", type=int, default=4)
     ap.add_argument("--stream-concurrency", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--cheap-streams", type=int, default=64,
+                    help="concurrent streams of the tiny model, where tokens are cheap and the relay shows")
+    ap.add_argument("--cheap-tokens", type=int, default=256)
+    ap.add_argument("--ab-ref", help="also run this git revision's manager and worker, rounds interleaved "
+                                     "(same-run A/B of the router and the worker)")
     ap.add_argument("--load-generator", choices=["auto", "python", "wrk"], default="auto",
                     help="client for the one-token rounds; auto: wrk when installed")
     args = ap.parse_args(argv)
@@ -141,83 +193,90 @@ def main(argv=None) -> int:
     elif gen == "wrk" and not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk (or use --load-generator python)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
-    mport, wport = free_port(), free_port()
-    mgr = Server([sys.executable, "-m", "manager", "--host", "127.0.0.1", "--port", str(mport),
-                  "--data-dir", str(tmp / "redis"), "--log-level", "warning"], tmp / "manager.log")
-    cfg = tmp / "worker.yaml"
-    cfg.write_text("engine_defaults:\n  max_num_seqs: 32\nworker:\n  cpu_kv_cache_memory: 512MiB\n")
-    worker = None
+    trees = [("this", ROOT)]
+    clusters: list[Cluster] = []
+    base = None
     try:
-        mgr.wait(f"http://127.0.0.1:{mport}/health")
-        worker = Server([sys.executable, "-m", "worker", "--models",
-                         f"tiny={args.tiny_model},stream={args.stream_model}", "--host", "127.0.0.1",
-                         "--port", str(wport), "--config", str(cfg), "--manager-url",
-                         f"http://127.0.0.1:{mport}", "--heartbeat-interval", "1", "--log-level", "warning"],
-                        tmp / "worker.log", env={"OMP_NUM_THREADS": "1"})
-        worker.wait(f"http://127.0.0.1:{wport}/health")
-        deadline = time.monotonic() + 30
-        while not httpx.get(f"http://127.0.0.1:{mport}/v1/models").json()["data"]:
-            if time.monotonic() > deadline:
-                raise TimeoutError("worker never registered")
-            time.sleep(0.2)
-        direct = f"http://127.0.0.1:{wport}/v1/completions"
-        routed = f"http://127.0.0.1:{mport}/v1/completions"
+        if args.ab_ref:
+            base = worktree(args.ab_ref, tmp)
+            trees.append((args.ab_ref, base))
+        for tag, tree in trees:
+            clusters.append(Cluster(tree, tag, args, tmp))
         print(f"cpu_cores={os.cpu_count()} load_generator={gen} concurrency={args.concurrency} "
               f"rounds={args.rounds} " + (f"seconds/round={args.seconds}" if gen == "wrk"
-                                           else f"requests/round={args.requests}"), flush=True)
+                                           else f"requests/round={args.requests}")
+              + (f" A/B: this tree vs {args.ab_ref}" if args.ab_ref else ""), flush=True)
 
         def one_round(url: str) -> dict:
             if gen == "wrk":
                 return wrk_round(url, "tiny", args.concurrency, args.seconds)
             return python_round(url, "tiny", args.requests, args.concurrency)
-        for url in (direct, routed):  # warm-up
-            one_round(url)
-        res: dict[str, list[dict]] = {"direct": [], "router": []}
-        router_cpu = 0.0  # the manager process's CPU during routed rounds: the router's cost
+
+        legs = [(c, path) for c in clusters for path in ("direct", "router")]
+        for c, path in legs:  # warm-up
+            one_round(c.urls[path])
+        res = {(c.tag, path): [] for c, path in legs}
+        cpu = {c.tag: 0.0 for c in clusters}  # each manager's CPU during its routed rounds
+        solo = {k: [] for k in res}
+        tps = {k: [] for k in res}
+        cheap = {k: [] for k in res}
         for i in range(args.rounds):
-            order = (("direct", direct), ("router", routed))
-            for name, url in (order if i % 2 == 0 else order[::-1]):  # ABBA: neither side always first
-                c0 = cpu_seconds(mgr.p.pid)
-                res[name].append(one_round(url))
-                if name == "router":
-                    router_cpu += cpu_seconds(mgr.p.pid) - c0
-        solo = {"direct": [], "router": []}  # unloaded: the bare cost of the extra hop
-        for _ in range(args.rounds):
-            for name, url in (("direct", direct), ("router", routed)):
-                solo[name] += asyncio.run(latency_round(url, "tiny", 100, 1))
-        tps = {"direct": [], "router": []}
+            for c, path in (legs if i % 2 == 0 else legs[::-1]):  # ABBA: no leg always first
+                c0 = cpu_seconds(c.mgr.p.pid)
+                res[(c.tag, path)].append(one_round(c.urls[path]))
+                if path == "router":
+                    cpu[c.tag] += cpu_seconds(c.mgr.p.pid) - c0
+        for i in range(args.rounds):  # unloaded: the bare cost of the extra hop
+            for c, path in (legs if i % 2 == 0 else legs[::-1]):
+                solo[(c.tag, path)] += asyncio.run(latency_round(c.urls[path], "tiny", 100, 1))
         for i in range(args.stream_rounds):
-            order = (("direct", direct), ("router", routed))
-            for name, url in (order if i % 2 == 0 else order[::-1]):
-                tps[name].append(asyncio.run(stream_round(url, "stream", args.stream_requests,
-                                                          args.stream_concurrency, args.stream_tokens)))
+            for c, path in (legs if i % 2 == 0 else legs[::-1]):
+                tps[(c.tag, path)].append(asyncio.run(stream_round(
+                    c.urls[path], "stream", args.stream_requests, args.stream_concurrency, args.stream_tokens)))
+                cheap[(c.tag, path)].append(asyncio.run(stream_round(
+                    c.urls[path], "tiny", args.cheap_streams, args.cheap_streams, args.cheap_tokens)))
     finally:
-        if worker:
-            worker.stop()
-        mgr.stop()
-    print("\nper round (p50 ms / p99 ms / requests/s), direct vs router:")
-    for i, (d, r) in enumerate(zip(res["direct"], res["router"])):
-        print(f"  round {i + 1}: {d['50%']:6.2f} / {d['99%']:6.2f} / {d['rps']:5.0f}   "
-              f"{r['50%']:6.2f} / {r['99%']:6.2f} / {r['rps']:5.0f}   "
-              f"added p50 {r['50%'] - d['50%']:+.2f} p99 {r['99%'] - d['99%']:+.2f}")
-    p = {k: (median([r["50%"] for r in v]), median([r["99%"] for r in v])) for k, v in res.items()}
-    rps = {k: median([r["rps"] for r in v]) for k, v in res.items()}
-    added = (median([r["50%"] - d["50%"] for d, r in zip(res["direct"], res["router"])]),
-             median([r["99%"] - d["99%"] for d, r in zip(res["direct"], res["router"])]))
-    q = {k: (pct(v, 50) * 1e3, pct(v, 99) * 1e3) for k, v in solo.items()}
-    s = {k: sum(v) / len(v) for k, v in tps.items()}
+        for c in clusters:
+            c.stop()
+        if base is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+    for c in clusters:
+        print(f"\n[{c.tag}] per round (p50 ms / p99 ms / requests/s), direct vs router:")
+        for i, (d, r) in enumerate(zip(res[(c.tag, "direct")], res[(c.tag, "router")])):
+            print(f"  round {i + 1}: {d['50%']:6.2f} / {d['99%']:6.2f} / {d['rps']:5.0f}   "
+                  f"{r['50%']:6.2f} / {r['99%']:6.2f} / {r['rps']:5.0f}   "
+                  f"added p50 {r['50%'] - d['50%']:+.2f} p99 {r['99%'] - d['99%']:+.2f}")
     print()
-    print(f"| path | 1-token p50 (ms), c={args.concurrency} | p99 (ms), c={args.concurrency} | requests/s | "
-          f"1-token p50 (ms), c=1 | p99 (ms), c=1 | streaming output tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for k in ("direct", "router"):
-        print(f"| {k} | {p[k][0]:.2f} | {p[k][1]:.2f} | {rps[k]:.0f} | {q[k][0]:.2f} | {q[k][1]:.2f} | {s[k]:.1f} |")
-    print(f"\nrouter CPU per routed request: {1e6 * router_cpu / sum(r['n'] for r in res['router']):.0f} us")
-    print(f"unloaded (c=1) hop cost: p50 {q['router'][0] - q['direct'][0]:+.2f} ms, "
-          f"p99 {q['router'][1] - q['direct'][1]:+.2f} ms")
-    print(f"added by the router at c={args.concurrency} (median of per-round differences): p50 {added[0]:+.2f} ms "
-          f"(bar <= 2), p99 {added[1]:+.2f} ms (bar <= 10); streaming throughput "
-          f"{100 * s['router'] / s['direct']:.1f}% of direct")
+    print(f"| tree | path | 1-token p50 (ms), c={args.concurrency} | p99 (ms) | requests/s | p50 (ms), c=1 | "
+          f"p99 (ms), c=1 | stream tok/s, c={args.stream_concurrency} | tiny-model stream tok/s, "
+          f"c={args.cheap_streams} |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    summary = {}
+    for c, path in legs:
+        k = (c.tag, path)
+        p50, p99 = median([r["50%"] for r in res[k]]), median([r["99%"] for r in res[k]])
+        rps = median([r["rps"] for r in res[k]])
+        q = (pct(solo[k], 50) * 1e3, pct(solo[k], 99) * 1e3)
+        summary[k] = {"stream": median(tps[k]), "cheap": median(cheap[k]), "rps": rps}
+        print(f"| {c.tag} | {path} | {p50:.2f} | {p99:.2f} | {rps:.0f} | {q[0]:.2f} | {q[1]:.2f} | "
+              f"{summary[k]['stream']:.1f} | {summary[k]['cheap']:.0f} |")
+    for c in clusters:
+        d, r = res[(c.tag, "direct")], res[(c.tag, "router")]
+        added = [median([b[q] - a[q] for a, b in zip(d, r)]) for q in ("50%", "99%")]
+        sd, sr = summary[(c.tag, "direct")], summary[(c.tag, "router")]
+        print(f"\n[{c.tag}] router CPU per routed request: {1e6 * cpu[c.tag] / sum(x['n'] for x in r):.0f} us; "
+              f"added at c={args.concurrency} (median of per-round differences): p50 {added[0]:+.2f} ms "
+              f"(bar <= 2), p99 {added[1]:+.2f} ms (bar <= 10); streaming through the router: "
+              f"{100 * sr['stream'] / sd['stream']:.1f}% of direct (c={args.stream_concurrency}), "
+              f"{100 * sr['cheap'] / sd['cheap']:.1f}% of direct (tiny model, c={args.cheap_streams}; bar >= 97%)")
+    if len(clusters) == 2:
+        a, b = clusters[0].tag, clusters[1].tag
+        print(f"\nA/B, {a} / {b} (medians; > 1 is better for throughput):")
+        for path in ("direct", "router"):
+            x, y = summary[(a, path)], summary[(b, path)]
+            print(f"  {path}: 1-token requests/s {x['rps'] / y['rps']:.3f}, "
+                  f"stream tok/s {x['stream'] / y['stream']:.3f}, "
+                  f"tiny-model stream tok/s {x['cheap'] / y['cheap']:.3f}")
     return 0
 
 

@@ -268,10 +268,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT):
         self.log = open(log, "w")
-        self.p = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        self.p = subprocess.Popen(args, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, start_new_session=True)
 
     def wait(self, url: str, timeout: float = 300):
         deadline = time.monotonic() + timeout
