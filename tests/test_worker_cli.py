@@ -42,9 +42,31 @@ def test_flags_win_over_file_and_file_model_settings_apply():
         build_config({}, {"models": "a=x,a=y"}, env={})
 
 
-def test_repo_config_yaml_is_valid():
-    cfg = build_config(load_yaml(str(ROOT / "config.yaml")), {"models": "x=/m/x"}, env={})
+def test_repo_config_yaml_is_valid_and_states_the_defaults():
+    from router.settings import RouterSettings, build_settings
+
+    data = load_yaml(str(ROOT / "config.yaml"))
+    cfg = build_config(data, {"models": "x=/m/x"}, env={})
     assert cfg.port == 8100 and cfg.heartbeat_interval == 5
+    assert cfg.model_dump(exclude={"models", "engine_defaults"}) == \
+        build_config({}, {"models": "x=/m/x"}, env={}).model_dump(exclude={"models", "engine_defaults"})
+    manager = dict(data["manager"])
+    assert manager.pop("data_dir") == ".llmc-data"
+    assert build_settings(manager, {}, env={}) == RouterSettings(port=8000)
+    assert build_settings(data["router"], {}, env={}) == RouterSettings()
+
+
+def test_router_settings_precedence_and_unknown_keys():
+    from router.settings import build_settings
+
+    s = build_settings({"policy": "round_robin", "port": 9000, "max_body_bytes": "1MiB"}, {"port": 9001},
+                       env={"ROUTER_API_KEYS": "a, b", "WORKER_TOKEN": "t"})
+    assert (s.policy, s.port, s.max_body_bytes, s.api_keys, s.worker_token) == \
+        ("round_robin", 9001, 2**20, ["a", "b"], "t")
+    with pytest.raises(ConfigError, match="unknown router setting 'polcy'"):
+        build_settings({"polcy": "x"}, {}, env={})
+    with pytest.raises(ConfigError, match="policy"):
+        build_settings({"policy": "fastest"}, {}, env={})
 
 
 def test_unknown_model_path_exits_with_one_line_reason(tmp_path):
