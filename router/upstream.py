@@ -163,6 +163,8 @@ class Exchange:
         w = self._waiter
         if w is None or w.done():
             return  # not waiting: the next wait arms a new timer
+        if self.conn is not None and self.conn.paused:
+            self._last_data = self._loop.time()  # held back by a slow client, not silent
         due = self._last_data + self._idle_limit
         if self._loop.time() >= due:
             w.set_exception(UpstreamError(f"no data from the worker for {self._idle_limit:g} s", "timeout"))
