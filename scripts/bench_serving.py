@@ -5,6 +5,8 @@
     python scripts/bench_serving.py --model models/bench-llama-serve --json /tmp/bench-serving.json
     # a subset: one batch limit, short prompts only, only our worker
     python scripts/bench_serving.py --batch-limits 8 --prompt-lens short=16,128 --systems ours
+    # same-run A/B of our worker against another commit's (from a git worktree), no peer
+    python scripts/bench_serving.py --systems ours --ab-ref HEAD~1
 
 Cells are batch limit x prompt-length range x output-length range (``--batch-limits 8,16,32,64``,
 ``--prompt-lens short=16,128 long=256,1024``, ``--output-lens short=16,64 long=128,256``). A cell sends
@@ -134,6 +136,8 @@ def parse_args(argv):
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--log-dir", default="/tmp/bench-serving")
     ap.add_argument("--json", default=None, help="write raw per-cell results here")
+    ap.add_argument("--ab-ref", default=None,
+                    help="also run this git revision's worker (system 'base') in every cell: a same-run A/B")
     args = ap.parse_args(argv)
     args.batch_limits = [int(b) for b in args.batch_limits.split(",")]
     args.prompt_lens = parse_ranges(args.prompt_lens)
@@ -142,6 +146,8 @@ def parse_args(argv):
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if args.ab_ref:
+        args.systems.insert(args.systems.index("ours") + 1 if "ours" in args.systems else 0, "base")
     return args
 
 
@@ -171,7 +177,7 @@ def requests_per_cell(args, batch: int) -> int:
 
 
 def body_for(system: str, model: str, prompt: str, max_tokens: int) -> dict:
-    if system == "ours":
+    if system in ("ours", "base"):
         return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                 "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     # transformers serve rejects unknown fields such as ignore_eos: disable EOS via generation_config.
@@ -304,17 +310,18 @@ def pool_blocks(args, batch: int, block: int) -> int:
     return math.ceil(need * KV_HEADROOM)
 
 
-def start_ours(args, batch: int, port: int, logdir: Path) -> Server:
+def start_ours(args, batch: int, port: int, logdir: Path, tree: Path = ROOT, tag: str = "worker") -> Server:
     engine = {"max_num_seqs": batch}
     if args.max_num_batched_tokens is not None:
         engine["max_num_batched_tokens"] = args.max_num_batched_tokens
     model = {"name": "bench", "source": args.model,
              "num_kv_blocks": pool_blocks(args, batch, OUR_DEFAULTS["block_size"])}
-    cfg = logdir / f"worker-batch{batch}.yaml"
+    model["source"] = str(Path(args.model).resolve())
+    cfg = logdir / f"{tag}-batch{batch}.yaml"
     cfg.write_text(yaml.safe_dump({"engine_defaults": engine, "worker": {"models": [model]}}))
-    return Server([sys.executable, "-m", "worker", "--models", f"bench={args.model}", "--host", "127.0.0.1",
+    return Server([sys.executable, "-m", "worker", "--models", f"bench={model['source']}", "--host", "127.0.0.1",
                    "--port", str(port), "--dtype", args.dtype, "--config", str(cfg)],
-                  logdir / f"worker-batch{batch}.log")
+                  logdir / f"{tag}-batch{batch}.log", cwd=tree)
 
 
 def start_peer(args, batch: int, port: int, logdir: Path) -> Server:
@@ -339,6 +346,9 @@ def start(system: str, args, batch: int) -> tuple[Server, str, str]:
     logdir.mkdir(parents=True, exist_ok=True)
     if system == "ours":
         srv = start_ours(args, batch, port, logdir)
+        health, model_name = f"{base}/v1/models", "bench"
+    elif system == "base":
+        srv = start_ours(args, batch, port, logdir, args.base_tree, "base")
         health, model_name = f"{base}/v1/models", "bench"
     else:
         srv = start_peer(args, batch, port, logdir)
@@ -369,7 +379,9 @@ def run_cell(system: str, url: str, model_name: str, cell: Cell, work, args) -> 
 def run_batch_limit(batch: int, cells: list[Cell], workloads: dict, args) -> dict:
     """All cells of one batch limit: each system's server started once, then stopped."""
     out: dict[Cell, dict] = {c: {} for c in cells}
-    for system in args.systems:
+    # Alternate the order between batch limits, so drift does not always favour one system.
+    order = args.systems if args.batch_limits.index(batch) % 2 == 0 else args.systems[::-1]
+    for system in order:
         srv, url, model_name = start(system, args, batch)
         try:
             for cell in cells:
@@ -416,6 +428,25 @@ def table_row(cell: Cell, res: dict) -> str:
     return "| " + " | ".join(cols) + " |"
 
 
+def print_ab(results: dict[Cell, dict], ref: str) -> None:
+    """Ours against the ``--ab-ref`` build, cell by cell."""
+    rows = [(cell, res["ours"], res["base"]) for cell, res in results.items() if "ours" in res and "base" in res]
+    if not rows:
+        return
+    print(f"\nA/B, this tree / {ref} (tok/s ratio > 1 is better; TTFT and ITL p50 in ms):")
+    print("| batch | prompt | output | this tok/s | base tok/s | ratio | this TTFT | base TTFT | this ITL | base ITL |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for cell, a, b in rows:
+        r = a["out_tok_s"] / b["out_tok_s"] if b["out_tok_s"] else float("inf")
+        ratios.append(r)
+        spans = f"{Cell.span(cell.prompt_name, cell.prompt)} | {Cell.span(cell.output_name, cell.output)}"
+        print(f"| {cell.batch} | {spans} | {a['out_tok_s']:.1f} | {b['out_tok_s']:.1f} | {r:.3f} | "
+              f"{fmt_ms(a['ttft_p50'])} | {fmt_ms(b['ttft_p50'])} | {fmt_ms(a['itl_p50'])} | {fmt_ms(b['itl_p50'])} |")
+    print(f"A/B throughput ratio: min {min(ratios):.3f}, geometric mean {statistics.geometric_mean(ratios):.3f} "
+          f"over {len(ratios)} cells")
+
+
 def print_summary(results: dict[Cell, dict]) -> None:
     comps = {cell: c for cell, res in results.items() if (c := compare(res))}
     if not comps:
@@ -453,6 +484,27 @@ def main(argv=None) -> int:
     print(" ".join(f"{k}={v}" for k, v in header.items()), flush=True)
     print(TABLE_HEADER, flush=True)
     results: dict[Cell, dict] = {}
+    args.base_tree = None
+    if args.ab_ref:
+        args.base_tree = Path(args.log_dir) / "ab-base"
+        subprocess.run(["git", "worktree", "remove", "--force", str(args.base_tree)], cwd=ROOT, capture_output=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(args.base_tree), args.ab_ref], cwd=ROOT,
+                       check=True, capture_output=True)
+    try:
+        run_matrix(args, cells, tok, results)
+    finally:
+        if args.base_tree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(args.base_tree)], cwd=ROOT,
+                           capture_output=True)
+    print_summary(results)
+    if args.ab_ref:
+        print_ab(results, args.ab_ref)
+    if args.json:
+        write_json(args.json, header, results)
+    return 0 if all(s["failed"] == 0 for res in results.values() for s in res.values()) else 1
+
+
+def run_matrix(args, cells: list[Cell], tok, results: dict[Cell, dict]) -> None:
     for batch in args.batch_limits:
         mine = [c for c in cells if c.batch == batch]
         n = WARMUP_REQUESTS + requests_per_cell(args, batch)
@@ -460,10 +512,6 @@ def main(argv=None) -> int:
         for cell, res in run_batch_limit(batch, mine, workloads, args).items():
             results[cell] = res
             print(table_row(cell, res), flush=True)
-    print_summary(results)
-    if args.json:
-        write_json(args.json, header, results)
-    return 0 if all(s["failed"] == 0 for res in results.values() for s in res.values()) else 1
 
 
 if __name__ == "__main__":
