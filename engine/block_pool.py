@@ -59,10 +59,6 @@ class BlockPool:
         """Share of blocks held by live sequences; cached-but-free blocks count as free."""
         return self.num_used_blocks / self.num_blocks
 
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self._cached)
-
     def lookup(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 
@@ -116,11 +112,6 @@ class BlockPool:
             return
         blk.block_hash = block_hash
         self._cached[block_hash] = block_id
-
-    def reset_prefix_cache(self) -> None:
-        for bid in list(self._cached.values()):
-            self.blocks[bid].block_hash = None
-        self._cached.clear()
 
     def check_consistency(self) -> None:
         """Raise if the free queue, ref counts and hash map disagree."""

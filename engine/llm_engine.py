@@ -62,7 +62,6 @@ class LLMEngine:
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = IdCounter()
-        self.num_steps = 0
         log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (%d tokens) max_model_len=%d",
                  config.model, self.runner.device, self.runner.dtype, num_blocks,
                  num_blocks * config.block_size, self.max_model_len)
@@ -163,7 +162,6 @@ class LLMEngine:
         except Exception as e:  # a failing batch fails its requests, not the engine
             log.exception("model step failed")
             return self._fail({s.seq.request.request_id for s in sched.scheduled}, e)
-        self.num_steps += 1
         self.scheduler.update_after_step(sched)
         seqs = [s.seq for s in order if s.completes]
         rows = list(range(len(seqs)))

@@ -86,9 +86,6 @@ class ModelRunner:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
     def decide_num_blocks(self) -> int:
         """Blocks from an explicit count, else from the budget :func:`kv_budgets` gives a lone
         model (an explicit byte budget, CUDA free memory, or the CPU default)."""

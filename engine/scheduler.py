@@ -85,9 +85,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
-
     # -- scheduling ------------------------------------------------------------------------------
     def _preempt(self, victim: Sequence, out: SchedulerOutput, chosen: dict[int, ScheduledSeq]) -> int:
         """Preempt ``victim``; returns the budget it gives back if it was already scheduled."""

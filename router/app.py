@@ -77,7 +77,7 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
             proxy.close()
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.view, app.state.registry, app.state.settings = view, registry, settings
+    app.state.view, app.state.settings = view, settings
     app.state.metrics, app.state.proxy, app.state.limiter = metrics, proxy, limiter
     install_error_handlers(app, ErrorTable(), settings.max_body_bytes)
 

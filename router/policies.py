@@ -55,10 +55,6 @@ class PrefixIndex:
         while len(self._map) > self.capacity:
             self._map.popitem(last=False)
 
-    def forget_worker(self, wid: str) -> None:
-        for k in [k for k, v in self._map.items() if v == wid]:
-            del self._map[k]
-
     def __len__(self) -> int:
         return len(self._map)
 
