@@ -486,7 +486,8 @@ def main(argv=None) -> int:
     results: dict[Cell, dict] = {}
     args.base_tree = None
     if args.ab_ref:
-        args.base_tree = Path(args.log_dir) / "ab-base"
+        # Beside this tree, on the same filesystem (a tree under /tmp measured ~5-10% apart).
+        args.base_tree = ROOT / ".bench-worktrees" / f"serving-{os.getpid()}"
         subprocess.run(["git", "worktree", "remove", "--force", str(args.base_tree)], cwd=ROOT, capture_output=True)
         subprocess.run(["git", "worktree", "add", "--detach", str(args.base_tree), args.ab_ref], cwd=ROOT,
                        check=True, capture_output=True)
