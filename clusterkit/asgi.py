@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from .errors import APIError, ErrorTable, error_body, too_large
+from .errors import APIError, ErrorTable, error_body, too_large, validation_error
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 log = logging.getLogger(__name__)
@@ -157,8 +157,6 @@ def install_error_handlers(app, table: ErrorTable, body_limit: int) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from .errors import validation_error
 
     def respond(err: APIError) -> JSONResponse:
         return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status,

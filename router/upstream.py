@@ -31,7 +31,7 @@ class UpstreamError(Exception):
 
 class Exchange:
     """One request to a worker and its response: :meth:`start` sends it and waits for the
-    response head; body chunks follow through :meth:`next_chunk`. :meth:`abort` may be called at
+    response head; body bytes follow through :meth:`next_data`. :meth:`abort` may be called at
     any point (the client left): it closes the connection, which the worker notices."""
 
     __slots__ = ("pool", "key", "payload", "status", "headers", "conn", "aborted", "_chunks", "_buffered",

@@ -140,9 +140,8 @@ def build_config(file_data: dict[str, Any], flags: dict[str, Any], env: dict[str
     and flags (flags win); ConfigError with a one-line reason on anything invalid."""
     env = os.environ if env is None else env
     section = dict(file_data.get("worker") or {})
-    flags = {k: v for k, v in flags.items() if k in WorkerConfig.model_fields and k != "models"} | \
-        {"models": flags.get("models")}
-    models = _models(section.pop("models", None) or [], flags.pop("models"))
+    models = _models(section.pop("models", None) or [], flags.get("models"))
+    flags = {k: v for k, v in flags.items() if k in WorkerConfig.model_fields and k != "models"}
     if not models:
         raise ConfigError("no models: pass --models or list them under worker.models in the config")
     secrets = {"worker_token": env["WORKER_TOKEN"]} if env.get("WORKER_TOKEN") else {}
