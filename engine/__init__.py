@@ -3,7 +3,7 @@
 from .config import EngineConfig
 from .llm import LLM
 from .outputs import CompletionOutput, EmbeddingOutput, RequestOutput
-from .sampling_params import InvalidParameter, SamplingParams
+from .sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput",
-           "EmbeddingOutput", "InvalidParameter"]
+           "EmbeddingOutput", "InvalidParameter", "StructuredOutputsParams"]

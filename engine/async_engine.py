@@ -12,7 +12,7 @@ from concurrent.futures import Future
 
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import InvalidParameter, SamplingParams
+from .sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class AsyncEngine:
                 raise InvalidParameter("prompt", "either prompt or prompt_token_ids is required")
             prompt_token_ids = self.engine.tokenize(prompt)
         self.engine.validate_prompt(prompt_token_ids, params)
+        if params.structured_outputs is not None:  # compiled here, so the loop finds it cached
+            await self.compile_grammar(params.structured_outputs)
         rid = request_id or f"req-{next(self._ids)}"
         queue_: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
@@ -86,6 +88,11 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(rid)
+
+    async def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile (or find cached) the grammar of ``spec`` in a worker thread, never on the engine
+        loop; :class:`InvalidParameter` when it does not compile."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def abort(self, request_id: str) -> None:
         with self._streams_lock:

@@ -16,6 +16,7 @@ from .sampler import Sampler
 from .sampling_params import InvalidParameter, SamplingParams
 from .scheduler import Scheduler
 from .sequence import IdCounter, Request, Sequence
+from .structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class LLMEngine:
                                  hash_salt=f"{config.model}|{self.runner.dtype}")
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.runner.device, config.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._seq_ids = IdCounter()
         log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (%d tokens) max_model_len=%d",
@@ -117,9 +119,12 @@ class LLMEngine:
             except ValueError as e:
                 raise InvalidParameter("messages", str(e)) from e
             prefix_salt = prefix_salt + mm.salt
+        # Normally a cache hit: the serving layer compiles off the step loop before adding.
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                       params=params, eos_token_ids=self.eos_token_ids,
-                      max_model_len=self.max_model_len, arrival_time=time.monotonic(), mm=mm)
+                      max_model_len=self.max_model_len, arrival_time=time.monotonic(), mm=mm,
+                      grammar=grammar)
         seq = self._new_seq(req, 0, prefix_salt)
         req.seqs.append(seq)
         self.requests[request_id] = req
@@ -132,6 +137,8 @@ class LLMEngine:
                        num_prompt_tokens=len(req.prompt_token_ids), index=index,
                        prefix_salt=prefix_salt, logprobs=[] if p.logprobs is not None else None)
         seq.generator = self.sampler.make_generator(None if p.seed is None else p.seed + index)
+        if req.grammar is not None:
+            seq.grammar = self.grammars.matcher(req.grammar)
         if p.detokenize:
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop,
                                                p.skip_special_tokens, p.include_stop_str_in_output)
@@ -197,14 +204,16 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(lp)
         reason, stop_reason = None, None
-        if not p.ignore_eos and tok in req.eos_token_ids:
+        if seq.grammar is not None and self._grammar_ended(seq, tok):
+            reason = "stop"
+        elif not p.ignore_eos and tok in req.eos_token_ids:
             reason, stop_reason = "stop", None
         elif tok in p.stop_token_ids:
             reason, stop_reason = "stop", tok
         elif seq.num_tokens >= req.max_total_tokens:
             reason = "length"
         if seq.detok is not None:
-            hit_eos = reason == "stop" and stop_reason is None
+            hit_eos = reason == "stop" and stop_reason is None and tok in req.eos_token_ids
             if not hit_eos or not p.skip_special_tokens:
                 matched = seq.detok.add_token(tok, final=reason is not None)
                 if matched is not None:
@@ -214,6 +223,16 @@ class LLMEngine:
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)
+
+    @staticmethod
+    def _grammar_ended(seq: Sequence, tok: int) -> bool:
+        """Advance the sequence's matcher; True when nothing more may follow (it accepted a stop
+        token, even under ``ignore_eos``) or, never expected under the mask, it rejected ``tok``."""
+        if not seq.grammar.accept_token(tok):
+            log.error("request %s: token %d rejected by its grammar; finishing it",
+                      seq.request.request_id, tok)
+            return True
+        return seq.grammar.is_terminated()
 
     def _fail(self, request_ids: set[str], exc: BaseException) -> list[RequestOutput]:
         outs = []

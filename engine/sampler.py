@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence
+from .structured_output import apply_grammar_masks
 
 
 class Sampler:
@@ -38,6 +39,11 @@ class Sampler:
         want_lp = [p.logprobs for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
 
+        matchers = [s.grammar for s in seqs]
+        if any(m is not None for m in matchers):  # before every other transform: see apply_grammar_masks
+            if raw_logprobs is None:
+                logits = logits.clone()  # the caller's tensor stays as the model produced it
+            apply_grammar_masks(logits, matchers)
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class InvalidParameter(ValueError):
@@ -11,6 +12,49 @@ class InvalidParameter(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM names it: exactly one of ``json`` (a JSON schema, dict or
+    string), ``regex``, ``choice`` (a list of strings), ``grammar`` (EBNF with ``::=``, else Lark)
+    or ``json_object=True`` (any JSON object).
+
+    JSON comes out compact (``", "`` and ``": "`` separators) unless ``disable_any_whitespace`` is
+    False: free whitespace lets a model ramble spaces forever inside a valid document.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidParameter("structured_outputs", "give exactly one of json, regex, choice, grammar "
+                                                         f"or json_object (got {given or 'none'})")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise InvalidParameter("structured_outputs", "json must be a JSON schema (object or string)")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidParameter("structured_outputs", f"{name} must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidParameter("structured_outputs", "choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def any_whitespace(self) -> bool:
+        return self.disable_any_whitespace is False
 
 
 @dataclass
@@ -38,6 +82,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     extra: dict = field(default_factory=dict)
 
     MAX_LOGPROBS = 20
@@ -82,6 +127,9 @@ class SamplingParams:
             bad("stop", "must hold non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must hold non-negative integers")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -39,6 +39,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None
     generator: Any = None  # torch.Generator for seeded sampling, owned by the sampler
     detok: Any = None  # incremental detokenizer state
+    grammar: Any = None  # the grammar matcher of a constrained request, advanced with each token
     prefix_salt: bytes = b""  # mixed into the first block hash (e.g. image hashes)
 
     @property
@@ -82,6 +83,7 @@ class Request:
     forked: bool = False
     error: BaseException | None = None
     mm: Any = None  # MultiModalInput of a vision-language request
+    grammar: Any = None  # CompiledGrammar of a constrained request (each sequence gets a matcher)
 
     @property
     def is_finished(self) -> bool:
