@@ -57,8 +57,9 @@ def bounded_strings_as_patterns(schema):
 
     xgrammar 0.2.8 compiles a length-bounded string to the class ``[^"\\\r\n]``, which lets raw
     control characters (U+0000-U+001F) into the string: the output then fails every strict JSON
-    parser. The pattern keeps them out (and escapes with them, so the raw text is the string's
-    value and its length is the character count)."""
+    parser. The pattern keeps them out, and escapes, so the raw text is the string's value, and
+    UTF-8-encoded surrogates, which decode to three replacement characters each and would break
+    the length bound."""
     if isinstance(schema, list):
         return [bounded_strings_as_patterns(v) for v in schema]
     if not isinstance(schema, dict):
@@ -67,7 +68,7 @@ def bounded_strings_as_patterns(schema):
     if (out.get("type") == "string" and ("minLength" in out or "maxLength" in out)
             and not {"pattern", "format", "enum", "const"} & set(out)):
         lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
-        out["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{lo},{hi}}}$'
+        out["pattern"] = f'^[^"\\\\\\x00-\\x1f\\uD800-\\uDFFF]{{{lo},{hi}}}$'
     return out
 
 

@@ -23,6 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    ap.add_argument("--enable-auto-tool-choice", dest="enable_auto_tool_choice", action="store_true",
+                    default=None, help='tool_choice "auto" for every model (per model: config.yaml)')
+    ap.add_argument("--tool-call-parser", dest="tool_call_parser", choices=["hermes", "llama3_json", "mistral"],
+                    help="how tool calls are read from answers under \"auto\" (per model: config.yaml)")
     ap.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
     return ap.parse_args(argv)
 

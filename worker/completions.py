@@ -6,7 +6,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from clusterkit.errors import APIError
 from engine import SamplingParams
+from engine.sampling_params import InvalidParameter
 
 from .logprobs import completion_logprobs
 from .metrics import WorkerMetrics
@@ -14,16 +16,23 @@ from .prompts import completion_prompts
 from .protocol import CompletionRequest
 from .sampling import sampling_params
 from .streaming import SSE_DONE, error_event, final_output, generate, new_id, sse, usage
+from .structured import constraint_of
 from .vllm_manager import ServedModel
 
 
-def prepare(served: ServedModel, req: CompletionRequest) -> list[tuple[str | None, list[int], SamplingParams]]:
+async def prepare(served: ServedModel, req: CompletionRequest) -> list[tuple[str | None, list[int], SamplingParams]]:
     """(text, ids, params) per prompt; 400s before anything runs."""
+    constraint, field = constraint_of(req)
     items = []
     for text, ids in completion_prompts(served, req.prompt):
-        params = sampling_params(req, served, len(ids), req.logprobs)
+        params = sampling_params(req, served, len(ids), req.logprobs, constraint)
         served.validate_prompt(ids, params)
         items.append((text, ids, params))
+    if constraint is not None:
+        try:
+            await served.compile_grammar(constraint)
+        except InvalidParameter as e:
+            raise APIError(400, str(e), field) from None
     return items
 
 

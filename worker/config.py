@@ -10,13 +10,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clusterkit.config import ByteSize, ConfigError, config_error, merge, parse_bytes
 from engine import EngineConfig
 from engine.kv_budget import DEFAULT_CPU_KV_BYTES, KVRequest
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+ToolParserName = Literal["hermes", "llama3_json", "mistral"]  # worker/tool_parsers
 # Engine settings config.yaml may give (engine_defaults, or per model); the rest are the worker's.
 ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {"model", "device", "gpu_memory_utilization"}
 
@@ -40,6 +41,8 @@ class ModelSettings(_Settings):
     block_size: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     chat_template: str | None = None  # a template string, or a path to a .jinja file
+    enable_auto_tool_choice: bool | None = None  # default: the worker's
+    tool_call_parser: ToolParserName | None = None  # default: the worker's
 
     def kv_request(self) -> KVRequest:
         return KVRequest(self.kv_cache_memory, self.gpu_memory_share)
@@ -71,6 +74,8 @@ class WorkerConfig(_Settings):
     allowed_image_domains: list[str] = Field(default_factory=list)  # http(s) images only from these
     max_image_bytes: ByteSize = Field(20 * 2**20, gt=0)  # per encoded image
     max_image_pixels: int = Field(16_000_000, gt=0)  # per decoded image
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (per model in models[])
+    tool_call_parser: ToolParserName | None = None  # how "auto" reads calls (per model in models[])
     engine_defaults: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("engine_defaults")
@@ -88,6 +93,20 @@ class WorkerConfig(_Settings):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate served model names: {names}")
         return v
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> WorkerConfig:
+        for m in self.models:
+            if self.auto_tool_choice(m) and not self.tool_parser(m):
+                raise ValueError(f"model {m.name!r}: enable_auto_tool_choice needs tool_call_parser "
+                                 f"(hermes, llama3_json or mistral)")
+        return self
+
+    def auto_tool_choice(self, m: ModelSettings) -> bool:
+        return self.enable_auto_tool_choice if m.enable_auto_tool_choice is None else m.enable_auto_tool_choice
+
+    def tool_parser(self, m: ModelSettings) -> str | None:
+        return m.tool_call_parser or self.tool_call_parser
 
     def engine_config(self, m: ModelSettings, device: str) -> EngineConfig:
         """The engine settings of one model: engine defaults, then the model's own, then worker-wide."""

@@ -101,11 +101,11 @@ class InferenceRoutes:
         if isinstance(req, EmbeddingRequest):
             return await embeddings.create(served, req)
         if isinstance(req, ChatCompletionRequest):
-            ids, params, mm = await chat.prepare(served, req, self.media)
+            job = await chat.prepare(served, req, self.media)
             if req.stream:
-                return chat.stream(served, req, ids, params, m, mm)
-            return await chat.full(served, req, ids, params, m, mm)
-        items = completions.prepare(served, req)
+                return chat.stream(served, req, job, m)
+            return await chat.full(served, req, job, m)
+        items = await completions.prepare(served, req)
         if req.stream:
             return completions.stream(served, req, items, m)
         return await completions.full(served, req, items, m)

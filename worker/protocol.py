@@ -15,6 +15,18 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Req):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(_Req):
     """Fields shared by chat and completions requests."""
 
@@ -38,12 +50,50 @@ class SamplingFields(_Req):
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
-class ChatMessage(_Req):
+class ChatMessage(BaseModel):
+    """A message as the client sent it: every key (``tool_calls``, ``tool_call_id``, ``name``, and
+    any a template reads) goes to the chat template unchanged."""
+
+    model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Req):
+    name: str
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -52,6 +102,12 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # the legacy function-calling fields: refused by name rather than dropped
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class CompletionRequest(SamplingFields):
@@ -79,6 +135,7 @@ class TokenizeRequest(_Req):
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDef] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

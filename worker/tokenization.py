@@ -11,7 +11,8 @@ from .vllm_manager import ServedModel
 
 def tokenize(served: ServedModel, req: TokenizeRequest) -> dict:
     if req.messages is not None:
-        ids = render_chat(served, req.messages, req.add_generation_prompt)
+        tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
+        ids = render_chat(served, req.messages, req.add_generation_prompt, tools=tools)
     elif req.prompt is not None:
         ids = served.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:

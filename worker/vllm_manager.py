@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from engine import SamplingParams
+from engine import SamplingParams, StructuredOutputsParams
 from engine.async_engine import AsyncEngine
 from engine.async_pooling import AsyncPoolingEngine
 from engine.kv_budget import kv_budgets
@@ -38,13 +38,15 @@ class ServedModel:
 
     def __init__(self, name: str, source: str, engine: AsyncEngine | AsyncPoolingEngine, tokenizer,
                  max_model_len: int, vocab_size: int, chat_template: str | None = None, images=None,
-                 kv_capacity_tokens: int = 0):
+                 kv_capacity_tokens: int = 0, tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False):
         self.name, self.source, self.tokenizer = name, source, tokenizer
         self.kind = "embed" if isinstance(engine, AsyncPoolingEngine) else "generate"
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.chat_template = chat_template
         self.images: ImagePreprocessor | None = images  # vision-language models only
         self.kv_capacity_tokens = kv_capacity_tokens
+        self.tool_call_parser, self.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
         self.created = int(time.time())
         self._engine = engine
 
@@ -52,6 +54,11 @@ class ServedModel:
     def validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
         """``InvalidParameter`` for prompts that cannot run (context length, vocabulary)."""
         self._engine.engine.validate_prompt(ids, params)
+
+    async def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile an output constraint off the event loop and the engine loop (then cached);
+        ``InvalidParameter`` when it does not compile."""
+        await self._engine.compile_grammar(spec)
 
     def generate(self, ids: list[int], params: SamplingParams, prompt: str | None = None,
                  mm=None) -> AsyncIterator[RequestOutput]:
@@ -126,7 +133,8 @@ class VLLMManager:
             cap = eng.num_kv_blocks * ecfg.block_size
             images = ImagePreprocessor(m.source, runner.hf_config) if runner.is_vl else None
             self.models[name] = ServedModel(name, m.source, AsyncEngine(eng), eng.tokenizer, eng.max_model_len,
-                                            eng.vocab_size, template, images, cap)
+                                            eng.vocab_size, template, images, cap, cfg.tool_parser(m),
+                                            cfg.auto_tool_choice(m))
             log.info("model %s: KV cache %.1f MiB = %d blocks = %d tokens, max_model_len %d",
                      name, eng.num_kv_blocks * runner.bytes_per_block / 2**20, eng.num_kv_blocks, cap,
                      eng.max_model_len)
