@@ -42,6 +42,25 @@ def test_flags_win_over_file_and_file_model_settings_apply():
         build_config({}, {"models": "a=x,a=y"}, env={})
 
 
+def test_tool_choice_settings_per_model_over_worker_flags():
+    data = {"worker": {"models": [{"name": "q", "source": "/m/q", "tool_call_parser": "hermes"},
+                                  {"name": "m", "source": "/m/m", "tool_call_parser": "mistral",
+                                   "enable_auto_tool_choice": False}]}}
+    cfg = build_config(data, {"enable_auto_tool_choice": True, "tool_call_parser": "llama3_json",
+                              "models": "q=/m/q,m=/m/m,l=/m/l"}, env={})
+    q, m, l_ = cfg.models
+    assert (cfg.auto_tool_choice(q), cfg.tool_parser(q)) == (True, "hermes")
+    assert (cfg.auto_tool_choice(m), cfg.tool_parser(m)) == (False, "mistral")
+    assert (cfg.auto_tool_choice(l_), cfg.tool_parser(l_)) == (True, "llama3_json")
+    with pytest.raises(ConfigError, match="enable_auto_tool_choice needs tool_call_parser"):
+        build_config({}, {"enable_auto_tool_choice": True, "models": "a=/m/a"}, env={})
+    with pytest.raises(ConfigError, match="tool_call_parser"):
+        build_config({"worker": {"tool_call_parser": "pythonic"}}, {"models": "a=/m/a"}, env={})
+    r = run_worker("--models", "a=/m/a", "--enable-auto-tool-choice")  # vLLM's flag names
+    assert r.returncode != 0 and "enable_auto_tool_choice needs tool_call_parser" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_repo_config_yaml_is_valid_and_states_the_defaults():
     from router.settings import RouterSettings, build_settings
 
