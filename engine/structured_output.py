@@ -3,7 +3,7 @@ one token bitmask per step.
 
 The library is xgrammar. Measured here (``scripts/compare_grammar_backends.py``, 2 cores, our
 1024-token tokenizer): mask fill + apply + accept 10 us per token (p50) against llguidance's 28;
-a 20-field schema compiles in 2.4 ms cold (llguidance 1.4) and 0.04 ms from the compiler's cache.
+a 20-field schema compiles in 2.1 ms cold (llguidance 1.3) and 0.02 ms from the cache.
 A decode step pays the per-token cost for every constrained sequence, a schema compiles once.
 
 A sequence's matcher advances with each token the engine appends. Preemption by recompute keeps a

@@ -7,7 +7,8 @@ workload without one, on one worker, in one run; plus grammar compile times.
 The model and workload are the serving benchmark's (``scripts/bench_serving.py``: the same prompt
 generator, streaming ``/v1/completions``, greedy, concurrency = batch limit, ``max_num_seqs`` = batch
 limit). Each cell runs twice on the same worker, plain and constrained, in alternating order from cell to
-cell. The constrained run asks for an object whose ``entries`` array needs at least 256 items, so it cannot
+cell, with a one-character mark in front of every prompt that differs between the two runs (otherwise
+the second run would find its prompts in the prefix cache). The constrained run asks for an object whose ``entries`` array needs at least 256 items, so it cannot
 end before ``max_tokens`` (like the plain run, which ignores EOS): both produce the same number of tokens,
 and the ratio is the per-token price of the mask (fill, apply, accept) and of the rest of the machinery.
 Compile times: a 20-field schema (the one of ``scripts/compare_grammar_backends.py``) compiled cold on this
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 work = make_workload(tok, n, args.seed + batch, pr, orng)
                 res = {}
                 for constrained in ((False, True) if k % 2 == 0 else (True, False)):
-                    bodies = [body(p, m, constrained) for p, m in work]
+                    # A one-character mark per run keeps the second run of a cell from hitting the
+                    # prefix cache the first one filled (same lengths, no shared block).
+                    mark = "1" if constrained else "0"
+                    bodies = [body(mark + p, m, constrained) for p, m in work]
                     asyncio.run(drive(url, bodies[:WARMUP_REQUESTS], WARMUP_REQUESTS, None, args.seed))
                     results, wall = asyncio.run(drive(url, bodies[WARMUP_REQUESTS:], batch, None, args.seed))
                     s = summarize(results, wall)
