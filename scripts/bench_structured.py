@@ -6,11 +6,12 @@ workload without one, on one worker, in one run; plus grammar compile times.
 
 The model and workload are the serving benchmark's (``scripts/bench_serving.py``: the same prompt
 generator, streaming ``/v1/completions``, greedy, concurrency = batch limit, ``max_num_seqs`` = batch
-limit). Each cell runs twice on the same worker, plain and constrained, in alternating order from cell to
-cell, with a one-character mark in front of every prompt that differs between the two runs (otherwise
-the second run would find its prompts in the prefix cache). The constrained run asks for an object whose ``entries`` array needs at least 256 items, so it cannot
-end before ``max_tokens`` (like the plain run, which ignores EOS): both produce the same number of tokens,
-and the ratio is the per-token price of the mask (fill, apply, accept) and of the rest of the machinery.
+limit). Each cell runs twice on the same worker, plain and constrained, in alternating order from
+cell to cell, with a one-character mark in front of every prompt that differs between the two runs
+(otherwise the second run would find its prompts in the prefix cache). The constrained run asks for
+an object whose ``entries`` array needs at least 256 items, so it cannot end before ``max_tokens``
+(like the plain run, which ignores EOS): both produce the same number of tokens, and the ratio is the
+per-token price of the mask (fill, apply, accept) and of the rest of the machinery.
 Compile times: a 20-field schema (the one of ``scripts/compare_grammar_backends.py``) compiled cold on this
 model's tokenizer, then again from the cache.
 """
