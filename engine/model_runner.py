@@ -7,7 +7,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from . import attention, cpu_kernels, cpu_linear
+from . import attention, cpu_kernels, cpu_linear, host_memory
 from .attention import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from .config import EngineConfig
 from .cpu_kernels import PagedDecodeKernel
@@ -32,6 +32,8 @@ class ModelRunner:
         except Exception as e:  # transformers raises OSError/ValueError variants
             raise load_error(config.model, e) from e
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.keep_freed_memory:
+            host_memory.keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         impl = attention.register()
         self.is_vl = is_vision_language(self.hf_config)

@@ -207,8 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-cell", default="16:issue=32,512:issue=16,256:64",
                     help="BATCH:PROMPTS:OUTPUTS:N, one more cell ('' for none)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="ours; default: the engine's")
-    ap.add_argument("--cb-page-size", type=int, default=16)
-    ap.add_argument("--cb-max-batch-tokens", type=int, default=512)
+    ap.add_argument("--cb-page-size", type=int, default=256)
+    ap.add_argument("--cb-max-batch-tokens", type=int, default=256)
     ap.add_argument("--tune-cb", action="store_true", help="sweep the CB manager's settings on the first cell")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--systems", default=",".join(SYSTEMS))

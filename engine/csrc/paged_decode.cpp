@@ -9,7 +9,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_AVX512_BF16 1
+#endif
 
 namespace {
 
@@ -124,6 +129,143 @@ void attend_seq(const T* q, long q_sh, const T* kv, const int32_t* table, int ct
   }
 }
 
+#ifdef HAVE_AVX512_BF16
+
+// e^x for x <= 0 (softmax weights): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6
+// Taylor polynomial (relative error < 2e-7); below -87 the result is 0.
+inline __m512 exp_neg(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(~tiny, p, n);
+}
+
+inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The bfloat16 path for head_dim = 32 * NW on CPUs with AVX512-BF16: q.k with vdpbf16ps straight
+// from the cache (bfloat16 products are exact in float32; sums in float32), softmax weights 16
+// positions at a time with a vectorised exp, V accumulated in float32. Per chunk of 16 positions:
+// the scores of every head, slot by slot (each slot's K of all heads is contiguous, and its V is
+// prefetched meanwhile), then the weights, then V head by head from cache lines already fetched.
+// The next chunk's slots are prefetched while this one is computed. Walking head by head through
+// the slots instead (2 KiB stride) reached 11 GB/s from DRAM here; this order ~25.
+template <int NW>
+void attend_seq_bf16(const uint16_t* q, long q_sh, const uint16_t* kv, const int32_t* table, int ctx,
+                     uint16_t* out, long out_sh, int Hkv, int h0, int h1, int G, int bs, float scale,
+                     int window, float* acc, float* sc, float* m, float* l) {
+  constexpr int D = 32 * NW;
+  constexpr int C = 16;
+  const int nh = h1 - h0;
+  const long slot_stride = 2L * Hkv * D;
+  const int start = (window > 0 && ctx > window) ? ctx - window : 0;
+  for (int j = 0; j < nh * G; ++j) {
+    m[j] = -FLT_MAX;
+    l[j] = 0.f;
+  }
+  for (long j = 0; j < (long)nh * G * D; ++j) acc[j] = 0.f;
+  auto slot_of = [&](int p) { return kv + ((long)table[p / bs] * bs + p % bs) * slot_stride; };
+  auto prefetch_slot = [&](const uint16_t* sl) {  // this range's K and V lines of one slot
+    const char* k = reinterpret_cast<const char*>(sl + (long)h0 * D);
+    const char* v = reinterpret_cast<const char*>(sl + (long)(Hkv + h0) * D);
+    for (long o = 0; o < (long)nh * D * 2; o += 64) {
+      _mm_prefetch(k + o, _MM_HINT_T0);
+      _mm_prefetch(v + o, _MM_HINT_T0);
+    }
+  };
+  for (int i = start; i < ctx && i < start + C; ++i) prefetch_slot(slot_of(i));
+  for (int p0 = start; p0 < ctx; p0 += C) {
+    const int n = (ctx - p0) < C ? (ctx - p0) : C;
+    const uint16_t* slots[C];
+    for (int i = 0; i < n; ++i) slots[i] = slot_of(p0 + i);
+    for (int i = p0 + C; i < ctx && i < p0 + 2 * C; ++i) prefetch_slot(slot_of(i));
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < nh; ++j) {
+        const uint16_t* k = slots[i] + (long)(h0 + j) * D;
+        __m512i kw[NW];
+        for (int w = 0; w < NW; ++w) kw[w] = _mm512_loadu_si512(k + 32 * w);
+        for (int g = 0; g < G; ++g) {
+          const uint16_t* qh = q + (long)((h0 + j) * G + g) * q_sh;
+          __m512 a = _mm512_setzero_ps();
+          for (int w = 0; w < NW; ++w)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + 32 * w), (__m512bh)kw[w]);
+          sc[((long)j * G + g) * C + i] = _mm512_reduce_add_ps(a) * scale;
+        }
+      }
+    }
+    const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+    for (int jg = 0; jg < nh * G; ++jg) {
+      float* s_ = sc + (long)jg * C;
+      const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-FLT_MAX), valid, s_);
+      const float cmax = _mm512_reduce_max_ps(s);
+      const float mnew = cmax > m[jg] ? cmax : m[jg];
+      const float corr = std::exp(m[jg] - mnew);
+      const __m512 w = _mm512_maskz_mov_ps(valid, exp_neg(_mm512_sub_ps(s, _mm512_set1_ps(mnew))));
+      l[jg] = l[jg] * corr + _mm512_reduce_add_ps(w);
+      m[jg] = mnew;
+      _mm512_storeu_ps(s_, w);
+      if (corr != 1.f) {
+        const __m512 c = _mm512_set1_ps(corr);
+        float* a = acc + (long)jg * D;
+        for (int d = 0; d < D; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), c));
+      }
+    }
+    for (int j = 0; j < nh; ++j) {
+      for (int g0 = 0; g0 < G; g0 += 2) {  // two query heads' accumulators in registers at a time
+        const bool two = g0 + 1 < G;
+        float* acc0 = acc + ((long)j * G + g0) * D;
+        float* acc1 = two ? acc0 + D : acc0;
+        const float* w0p = sc + ((long)j * G + g0) * C;
+        const float* w1p = two ? w0p + C : w0p;
+        __m512 a0[2 * NW], a1[2 * NW];
+        for (int v = 0; v < 2 * NW; ++v) {
+          a0[v] = _mm512_loadu_ps(acc0 + 16 * v);
+          a1[v] = _mm512_loadu_ps(acc1 + 16 * v);
+        }
+        for (int i = 0; i < n; ++i) {
+          const uint16_t* vp = slots[i] + (long)(Hkv + h0 + j) * D;
+          const __m512 w0 = _mm512_set1_ps(w0p[i]);
+          const __m512 w1 = _mm512_set1_ps(two ? w1p[i] : 0.f);
+          for (int v = 0; v < 2 * NW; ++v) {
+            const __m512 vv = bf16x16_to_ps(vp + 16 * v);
+            a0[v] = _mm512_fmadd_ps(w0, vv, a0[v]);
+            a1[v] = _mm512_fmadd_ps(w1, vv, a1[v]);
+          }
+        }
+        for (int v = 0; v < 2 * NW; ++v) {
+          _mm512_storeu_ps(acc0 + 16 * v, a0[v]);
+          if (two) _mm512_storeu_ps(acc1 + 16 * v, a1[v]);
+        }
+      }
+    }
+  }
+  for (int j = 0; j < nh; ++j) {
+    for (int g = 0; g < G; ++g) {
+      const long jg = (long)j * G + g;
+      uint16_t* oh = out + (long)((h0 + j) * G + g) * out_sh;
+      const __m512 inv = _mm512_set1_ps(l[jg] > 0.f ? 1.f / l[jg] : 0.f);
+      for (int d = 0; d < D; d += 16) {
+        const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + jg * D + d), inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(oh + d), (__m256i)o);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T, int DC>
 void run(const void* q_, long q_sb, long q_sh, const void* kv_, const int32_t* tables, int max_blocks,
          const int32_t* ctx_lens, void* out_, long out_sb, long out_sh, int B, int H, int Hkv, int D,
@@ -142,14 +284,25 @@ void run(const void* q_, long q_sb, long q_sh, const void* kv_, const int32_t* t
   {
     std::vector<HeadState> st(per);
     std::vector<float> kbuf((size_t)per * CHUNK * D), vbuf((size_t)per * CHUNK * D);
+    // the bfloat16 path's per-head state: accumulators, a chunk's scores, running max and sum
+    std::vector<float> acc((size_t)per * G * D), sc((size_t)per * G * 16), mx((size_t)per * G),
+        sm((size_t)per * G);
 #pragma omp for schedule(dynamic, 1)
     for (long item = 0; item < (long)B * parts; ++item) {
       const int b = (int)(item / parts), h0 = (int)(item % parts) * per;
       const int h1 = h0 + per < Hkv ? h0 + per : Hkv;
-      if (h0 < h1)
-        attend_seq<T, DC>(q + b * q_sb, q_sh, kv, tables + (long)b * max_blocks, ctx_lens[b],
-                          out + b * out_sb, out_sh, Hkv, h0, h1, G, D, bs, scale, window, st.data(),
-                          kbuf.data(), vbuf.data());
+      if (h0 >= h1) continue;
+#ifdef HAVE_AVX512_BF16
+      if constexpr (std::is_same_v<T, uint16_t> && (DC == 64 || DC == 128)) {
+        attend_seq_bf16<DC / 32>(q + b * q_sb, q_sh, kv, tables + (long)b * max_blocks, ctx_lens[b],
+                                 out + b * out_sb, out_sh, Hkv, h0, h1, G, bs, scale, window, acc.data(),
+                                 sc.data(), mx.data(), sm.data());
+        continue;
+      }
+#endif
+      attend_seq<T, DC>(q + b * q_sb, q_sh, kv, tables + (long)b * max_blocks, ctx_lens[b],
+                        out + b * out_sb, out_sh, Hkv, h0, h1, G, D, bs, scale, window, st.data(),
+                        kbuf.data(), vbuf.data());
     }
   }
 }
