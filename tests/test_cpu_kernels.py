@@ -111,3 +111,30 @@ def test_choose_mode():
     assert auto == ("native" if cpu_linear.has_native_half(torch.bfloat16) else "fp32")
     with pytest.raises(ValueError):
         cpu_linear.choose_mode("fast", torch.bfloat16, cpu)
+
+
+def test_keep_freed_memory_sets_glibc_malloc_options():
+    """A 4 MiB block freed and allocated again comes back from the heap, not from a fresh mmap
+    (which would fault every page in again): the address repeats and the process keeps no mmap'd
+    chunk for it."""
+    import ctypes
+
+    from engine import host_memory
+
+    assert host_memory.keep_freed_memory() and host_memory.keep_freed_memory()  # idempotent
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(4 * 2**20)
+    assert libc.mallinfo2().hblkhd == before  # not an mmap'd chunk
+    libc.free(p)
+    q = libc.malloc(4 * 2**20)
+    libc.free(q)
+    assert q == p
