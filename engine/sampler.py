@@ -40,9 +40,8 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
 
         matchers = [s.grammar for s in seqs]
-        if any(m is not None for m in matchers):  # before every other transform: see apply_grammar_masks
-            if raw_logprobs is None:
-                logits = logits.clone()  # the caller's tensor stays as the model produced it
+        if any(m is not None for m in matchers):
+            # Before every other transform, in place: the step's logits are not read after sampling.
             apply_grammar_masks(logits, matchers)
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)

@@ -19,7 +19,7 @@ from .prompts import render_chat
 from .protocol import ChatCompletionRequest
 from .sampling import sampling_params
 from .streaming import SSE_DONE, error_event, final_output, generate, new_id, sse, usage
-from .structured import constraint_of
+from .structured import compile_constraint, constraint_of
 from .tool_parsers import ToolCallStream, ToolParser, message_calls
 from .tools import plan
 from .vllm_manager import ServedModel
@@ -68,11 +68,7 @@ async def prepare(served: ServedModel, req: ChatCompletionRequest, media: MediaP
             raise InvalidParameter("top_logprobs", str(e).replace("logprobs", "top_logprobs", 1)) from e
         raise
     served.validate_prompt(ids, params)
-    if constraint is not None:
-        try:
-            await served.compile_grammar(constraint)
-        except InvalidParameter as e:
-            raise APIError(400, str(e), field) from None
+    await compile_constraint(served, constraint, field)
     return ChatJob(ids, params, mm, tools.parser, req.parallel_tool_calls is not False)
 
 

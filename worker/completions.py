@@ -6,9 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from clusterkit.errors import APIError
 from engine import SamplingParams
-from engine.sampling_params import InvalidParameter
 
 from .logprobs import completion_logprobs
 from .metrics import WorkerMetrics
@@ -16,7 +14,7 @@ from .prompts import completion_prompts
 from .protocol import CompletionRequest
 from .sampling import sampling_params
 from .streaming import SSE_DONE, error_event, final_output, generate, new_id, sse, usage
-from .structured import constraint_of
+from .structured import compile_constraint, constraint_of
 from .vllm_manager import ServedModel
 
 
@@ -28,11 +26,7 @@ async def prepare(served: ServedModel, req: CompletionRequest) -> list[tuple[str
         params = sampling_params(req, served, len(ids), req.logprobs, constraint)
         served.validate_prompt(ids, params)
         items.append((text, ids, params))
-    if constraint is not None:
-        try:
-            await served.compile_grammar(constraint)
-        except InvalidParameter as e:
-            raise APIError(400, str(e), field) from None
+    await compile_constraint(served, constraint, field)
     return items
 
 

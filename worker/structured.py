@@ -8,6 +8,7 @@ from engine import StructuredOutputsParams
 from engine.sampling_params import InvalidParameter
 
 from .protocol import SamplingFields
+from .vllm_manager import ServedModel
 
 # structured_outputs keys we honour; vLLM's others change the output and are refused by name
 SO_KEYS = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
@@ -55,3 +56,14 @@ def constraint_of(req: SamplingFields) -> tuple[StructuredOutputsParams | None, 
         return None, None
     field, spec = found[0]
     return spec, field
+
+
+async def compile_constraint(served: ServedModel, spec: StructuredOutputsParams | None, field: str | None) -> None:
+    """Compile ``spec`` off the event loop (then cached in the engine); a 400 naming ``field``, the
+    request field it came in, when it does not compile."""
+    if spec is None:
+        return
+    try:
+        await served.compile_grammar(spec)
+    except InvalidParameter as e:
+        raise APIError(400, str(e), field) from None

@@ -6,13 +6,14 @@ from clusterkit.errors import APIError
 
 from .prompts import render_chat
 from .protocol import DetokenizeRequest, TokenizeRequest
+from .tools import tool_dicts
 from .vllm_manager import ServedModel
 
 
 def tokenize(served: ServedModel, req: TokenizeRequest) -> dict:
     if req.messages is not None:
-        tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools else None
-        ids = render_chat(served, req.messages, req.add_generation_prompt, tools=tools)
+        ids = render_chat(served, req.messages, req.add_generation_prompt,
+                          tools=tool_dicts(req.tools) if req.tools else None)
     elif req.prompt is not None:
         ids = served.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:

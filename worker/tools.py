@@ -29,6 +29,11 @@ class ToolPlan:
     constraint: StructuredOutputsParams | None = None
 
 
+def tool_dicts(tools) -> list[dict]:
+    """Tools as the client sent them (every key), for the chat template."""
+    return [t.model_dump(exclude_unset=True) for t in tools]
+
+
 def _parameters(tool) -> dict:
     return tool.function.parameters or EMPTY_PARAMETERS
 
@@ -59,7 +64,7 @@ def plan(req: ChatCompletionRequest, served: ServedModel) -> ToolPlan:
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise APIError(400, f"tool names must be unique, got {names}", "tools")
-    rendered = [t.model_dump(exclude_unset=True) for t in tools]
+    rendered = tool_dicts(tools)
     parallel = req.parallel_tool_calls is not False
     if choice == "none":
         return ToolPlan(rendered)

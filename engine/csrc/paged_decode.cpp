@@ -280,20 +280,26 @@ void run(const void* q_, long q_sb, long q_sh, const void* kv_, const int32_t* t
   while (parts < Hkv && (long)B * parts < 4L * nthreads) parts *= 2;
   if (parts > Hkv) parts = Hkv;
   const int per = (Hkv + parts - 1) / parts;
+#ifdef HAVE_AVX512_BF16
+  constexpr bool bf16_path = std::is_same_v<T, uint16_t> && (DC == 64 || DC == 128);
+#else
+  constexpr bool bf16_path = false;
+#endif
+  // Each thread allocates only the scratch its path uses (HeadState is 32 KiB a head, zeroed).
+  const size_t gen = bf16_path ? 0 : (size_t)per, fast = bf16_path ? (size_t)per : 0;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<HeadState> st(per);
-    std::vector<float> kbuf((size_t)per * CHUNK * D), vbuf((size_t)per * CHUNK * D);
+    std::vector<HeadState> st(gen);
+    std::vector<float> kbuf(gen * CHUNK * D), vbuf(gen * CHUNK * D);
     // the bfloat16 path's per-head state: accumulators, a chunk's scores, running max and sum
-    std::vector<float> acc((size_t)per * G * D), sc((size_t)per * G * 16), mx((size_t)per * G),
-        sm((size_t)per * G);
+    std::vector<float> acc(fast * G * D), sc(fast * G * 16), mx(fast * G), sm(fast * G);
 #pragma omp for schedule(dynamic, 1)
     for (long item = 0; item < (long)B * parts; ++item) {
       const int b = (int)(item / parts), h0 = (int)(item % parts) * per;
       const int h1 = h0 + per < Hkv ? h0 + per : Hkv;
       if (h0 >= h1) continue;
 #ifdef HAVE_AVX512_BF16
-      if constexpr (std::is_same_v<T, uint16_t> && (DC == 64 || DC == 128)) {
+      if constexpr (bf16_path) {
         attend_seq_bf16<DC / 32>(q + b * q_sb, q_sh, kv, tables + (long)b * max_blocks, ctx_lens[b],
                                  out + b * out_sb, out_sh, Hkv, h0, h1, G, bs, scale, window, acc.data(),
                                  sc.data(), mx.data(), sm.data());

@@ -27,6 +27,23 @@ def _split_calls(text: str, final: bool, pieces: list[tuple[str, ToolCallText | 
     return out
 
 
+def _scan_call_list(text: str, i: int, calls: list[ToolCallText],
+                    args_keys: tuple[str, ...] = ("arguments", "parameters")) -> None:
+    """Append the call objects of the JSON list starting at ``text[i] == "["`` to ``calls``, as far
+    as the text goes; :class:`Invalid` when it stops being such a list."""
+    i = skip_ws(text, i + 1)
+    while i < len(text) and text[i] != "]":
+        scan = scan_call(text, i, args_keys)
+        calls.append(call_text(text, scan))
+        if scan.end is None:
+            return
+        i = skip_ws(text, scan.end)
+        if i < len(text) and text[i] == ",":
+            i = skip_ws(text, i + 1)
+        elif i < len(text) and text[i] != "]":
+            raise Invalid("expected ',' or ']'")
+
+
 class HermesParser(ToolParser):
     """Qwen2.5/Qwen3 and Hermes: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
     any number of them, with free text before."""
@@ -151,19 +168,7 @@ class MistralParser(ToolParser):
         i = skip_ws(text, start + len(self.MARKER))
         try:
             if i < len(text) and text[i] == "[":  # a JSON list of call objects
-                i = skip_ws(text, i + 1)
-                while i < len(text):
-                    scan = scan_call(text, i)
-                    calls.append(call_text(text, scan))
-                    if scan.end is None:
-                        break
-                    i = skip_ws(text, scan.end)
-                    if i < len(text) and text[i] == ",":
-                        i = skip_ws(text, i + 1)
-                    elif i < len(text) and text[i] == "]":
-                        break
-                    elif i < len(text):
-                        raise Invalid("expected ',' or ']'")
+                _scan_call_list(text, i, calls)
             else:  # name{args} or name[ARGS]{args}, repeated after more markers
                 while i < len(text):
                     m = _NAME.match(text, i)
@@ -205,16 +210,8 @@ class RequiredCallsParser(ToolParser):
         i = skip_ws(text, 0)
         if i >= len(text) or text[i] != "[":
             return ParseResult(content=text if final else "")
-        i = skip_ws(text, i + 1)
         try:
-            while i < len(text) and text[i] == "{":
-                scan = scan_call(text, i, ("parameters", "arguments"))
-                calls.append(call_text(text, scan))
-                if scan.end is None:
-                    break
-                i = skip_ws(text, scan.end)
-                if i < len(text) and text[i] == ",":
-                    i = skip_ws(text, i + 1)
+            _scan_call_list(text, i, calls, ("parameters", "arguments"))
         except Invalid:
             return ParseResult(content=text) if final else _after_calls(text, calls)
         if final:
