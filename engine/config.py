@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .reasoning import check_parser
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -35,6 +37,9 @@ class EngineConfig:
     # CPU: keep freed activation memory in the process instead of faulting it in again every step
     # (glibc malloc settings, process-wide: engine/host_memory.py). ~20% faster long prefills here.
     keep_freed_memory: bool = True
+    # "qwen3" or "deepseek_r1": a request's structured-output grammar then constrains only the
+    # answer, after the model's <think>...</think> block (engine/reasoning.py).
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -55,3 +60,4 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, native or torch, got {self.attention_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        check_parser(self.reasoning_parser)

@@ -30,8 +30,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add_token(self, token_id: int, final: bool = False) -> str | None:
-        """Feed one token; returns the stop string if one matched (text is then cut there)."""
+    def add_token(self, token_id: int, final: bool = False, check_stop: bool = True) -> str | None:
+        """Feed one token; returns the stop string if one matched (text is then cut there).
+        ``check_stop=False`` (before ``min_tokens``): no stop string can end the text yet."""
         self.ids.append(token_id)
         prefix_text = self._decode(self.ids[self.prefix:self.read])
         new_text = self._decode(self.ids[self.prefix:])
@@ -39,7 +40,7 @@ class IncrementalDetokenizer:
             before = len(self.text)
             self.text += new_text[len(prefix_text):]
             self.prefix, self.read = self.read, len(self.ids)
-            return self._check_stop(before)
+            return self._check_stop(before) if check_stop else None
         return None
 
     def flush(self) -> None:

@@ -10,12 +10,14 @@ from transformers import AutoTokenizer, GenerationConfig
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
-from .model_runner import ModelRunner
+from .logit_controls import build_controls, check_vocab
+from .model_runner import ModelRunner, PromptLogprobsChunk
 from .outputs import CompletionOutput, RequestOutput
+from .reasoning import ReasoningGate
 from .sampler import Sampler
 from .sampling_params import InvalidParameter, SamplingParams
 from .scheduler import Scheduler
-from .sequence import IdCounter, Request, Sequence
+from .sequence import IdCounter, Request, SeqStatus, Sequence
 from .structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,9 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  hash_salt=f"{config.model}|{self.runner.dtype}")
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(self.runner.device, config.seed)
+        self.reasoning = (ReasoningGate.for_tokenizer(config.reasoning_parser, self.tokenizer)
+                          if config.reasoning_parser else None)
+        self.sampler = Sampler(self.runner.device, config.seed, self.reasoning)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._seq_ids = IdCounter()
@@ -80,8 +84,25 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    def truncate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt ``params.truncate_prompt_tokens`` leaves: its last k tokens (-1: the model's
+        context length), as vLLM truncates."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return list(prompt_token_ids)
+        if k == -1:
+            k = self.max_model_len
+        if k > self.max_model_len:
+            raise InvalidParameter("truncate_prompt_tokens",
+                                   f"truncate_prompt_tokens ({k}) is greater than this model's maximum "
+                                   f"context length ({self.max_model_len})")
+        return list(prompt_token_ids[-k:])
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise :class:`InvalidParameter` for prompts that cannot run; nothing is scheduled."""
+        """Raise :class:`InvalidParameter` for prompts (after ``truncate_prompt_tokens``) and
+        vocabulary-dependent parameters that cannot run; nothing is scheduled."""
+        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params)
+        check_vocab(params, self.vocab_size, self.tokenizer)
         if not prompt_token_ids:
             raise InvalidParameter("prompt", "prompt must contain at least one token")
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
@@ -109,11 +130,14 @@ class LLMEngine:
             if prompt is None:
                 raise InvalidParameter("prompt", "either prompt or prompt_token_ids is required")
             prompt_token_ids = self.tokenize(prompt)
-        prompt_token_ids = list(prompt_token_ids)
+        full_len = len(prompt_token_ids)
+        prompt_token_ids = self.truncate_prompt(prompt_token_ids, params)
         self.validate_prompt(prompt_token_ids, params)
         if mm is not None:
             if self.runner.vision is None:
                 raise InvalidParameter("messages", "this model does not accept images")
+            if len(prompt_token_ids) < full_len:  # cutting would separate images from their tokens
+                raise InvalidParameter("truncate_prompt_tokens", "a prompt with images cannot be truncated")
             try:
                 self.runner.vision.prepare(prompt_token_ids, mm)
             except ValueError as e:
@@ -121,10 +145,14 @@ class LLMEngine:
             prefix_salt = prefix_salt + mm.salt
         # Normally a cache hit: the serving layer compiles off the step loop before adding.
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        controls = build_controls(params, self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                  self.runner.device)
         req = Request(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
                       params=params, eos_token_ids=self.eos_token_ids,
                       max_model_len=self.max_model_len, arrival_time=time.monotonic(), mm=mm,
-                      grammar=grammar)
+                      grammar=grammar, logit_controls=controls)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs, req.prompt_token_ranks = [None], [None]
         seq = self._new_seq(req, 0, prefix_salt)
         req.seqs.append(seq)
         self.requests[request_id] = req
@@ -139,6 +167,8 @@ class LLMEngine:
         seq.generator = self.sampler.make_generator(None if p.seed is None else p.seed + index)
         if req.grammar is not None:
             seq.grammar = self.grammars.matcher(req.grammar)
+            if self.reasoning is not None:
+                seq.think = self.reasoning.initial_state(req.prompt_token_ids)
         if p.detokenize:
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop,
                                                p.skip_special_tokens, p.include_stop_str_in_output)
@@ -165,15 +195,24 @@ class LLMEngine:
         if sched.is_empty:
             return []
         try:
-            order, logits = self.runner.execute(sched)
+            res = self.runner.execute(sched)
         except Exception as e:  # a failing batch fails its requests, not the engine
             log.exception("model step failed")
             return self._fail({s.seq.request.request_id for s in sched.scheduled}, e)
         self.scheduler.update_after_step(sched)
-        seqs = [s.seq for s in order if s.completes]
-        rows = list(range(len(seqs)))
-        for i, seq in enumerate(list(seqs)):
+        for chunk in res.prompt_logprobs:
+            self._store_prompt_logprobs(chunk)
+        touched: dict[str, Request] = {}
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for i, seq in enumerate([s.seq for s in res.order if s.completes]):
             req = seq.request
+            if req.params.max_tokens == 0:  # prefilled for its prompt logprobs; nothing to sample
+                self._finish_unsampled(seq)
+                touched[req.request_id] = req
+                continue
+            seqs.append(seq)
+            rows.append(i)
             if not req.forked:
                 req.forked = True
                 for idx in range(1, req.params.n):
@@ -183,19 +222,42 @@ class LLMEngine:
                     self.scheduler.add_running(child)
                     seqs.append(child)
                     rows.append(i)
-        if len(rows) != logits.shape[0]:
+        logits = res.logits
+        if rows != list(range(logits.shape[0])):
             logits = logits[rows]
-        tokens, logprobs = self.sampler(logits, seqs)
-        touched: dict[str, Request] = {}
-        for seq, tok, lp in zip(seqs, tokens, logprobs):
-            self._append_token(seq, tok, lp)
-            touched[seq.request.request_id] = seq.request
+        if seqs:
+            tokens, logprobs = self.sampler(logits, seqs)
+            for seq, tok, lp in zip(seqs, tokens, logprobs):
+                self._append_token(seq, tok, lp)
+                touched[seq.request.request_id] = seq.request
         outs = []
         for rid, req in touched.items():
             outs.append(self._output(req))
             if req.is_finished:
                 self.requests.pop(rid, None)
         return outs
+
+    @staticmethod
+    def _store_prompt_logprobs(chunk: PromptLogprobsChunk) -> None:
+        req = chunk.request
+        if req.prompt_logprobs is None or chunk.first != len(req.prompt_logprobs):
+            log.error("request %s: prompt logprobs from %d do not follow the %d there; dropped",
+                      req.request_id, chunk.first, len(req.prompt_logprobs or ()))
+            return
+        req.prompt_logprobs.extend(chunk.logprobs)
+        req.prompt_token_ranks.extend(chunk.ranks)
+
+    def _finish_unsampled(self, seq: Sequence) -> None:
+        """``max_tokens=0``: the prompt is prefilled; every choice ends with "length", no tokens."""
+        req = seq.request
+        if not req.forked:
+            req.forked = True
+            for idx in range(1, req.params.n):
+                child = self._new_seq(req, idx, seq.prefix_salt)
+                child.finish_reason, child.status = "length", SeqStatus.FINISHED
+                req.seqs.append(child)
+        seq.finish_reason = "length"
+        self.scheduler.finish(seq)
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict[int, float] | None) -> None:
         req = seq.request
@@ -204,18 +266,20 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(lp)
         reason, stop_reason = None, None
+        # Before min_tokens no stop id or stop string ends the sequence (vLLM skips the checks).
+        may_stop = seq.num_output_tokens >= p.min_tokens
         if seq.grammar is not None and self._grammar_ended(seq, tok):
             reason = "stop"
-        elif not p.ignore_eos and tok in req.eos_token_ids:
+        elif may_stop and not p.ignore_eos and tok in req.eos_token_ids:
             reason, stop_reason = "stop", None
-        elif tok in p.stop_token_ids:
+        elif may_stop and tok in p.stop_token_ids:
             reason, stop_reason = "stop", tok
         elif seq.num_tokens >= req.max_total_tokens:
             reason = "length"
         if seq.detok is not None:
             hit_eos = reason == "stop" and stop_reason is None and tok in req.eos_token_ids
             if not hit_eos or not p.skip_special_tokens:
-                matched = seq.detok.add_token(tok, final=reason is not None)
+                matched = seq.detok.add_token(tok, final=reason is not None, check_stop=may_stop)
                 if matched is not None:
                     reason, stop_reason = "stop", matched
             if reason is not None and seq.detok.stopped_on is None:
@@ -224,10 +288,14 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)
 
-    @staticmethod
-    def _grammar_ended(seq: Sequence, tok: int) -> bool:
+    def _grammar_ended(self, seq: Sequence, tok: int) -> bool:
         """Advance the sequence's matcher; True when nothing more may follow (it accepted a stop
-        token, even under ``ignore_eos``) or, never expected under the mask, it rejected ``tok``."""
+        token, even under ``ignore_eos``) or, never expected under the mask, it rejected ``tok``.
+        With a reasoning parser, thinking tokens move the gate, not the matcher."""
+        if seq.think is not None:
+            seq.think, answer = self.reasoning.advance(seq.think, tok)
+            if not answer:
+                return False
         if not seq.grammar.accept_token(tok):
             log.error("request %s: token %d rejected by its grammar; finishing it",
                       seq.request.request_id, tok)
@@ -257,7 +325,8 @@ class LLMEngine:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                              prompt_token_ids=req.prompt_token_ids, outputs=comps,
                              finished=req.is_finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             error=req.error)
+                             error=req.error, prompt_logprobs=req.prompt_logprobs,
+                             prompt_token_ranks=req.prompt_token_ranks)
 
     # -- introspection ---------------------------------------------------------------------------
     def stats(self) -> dict:

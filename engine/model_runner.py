@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -15,9 +16,64 @@ from .kv_budget import KVRequest, kv_budgets
 from .model_loader import check_source, load_error, resolve_device, resolve_dtype
 from .multimodal import VisionAdapter, is_vision_language
 from .scheduler import ScheduledSeq, SchedulerOutput
+from .sequence import Request
 
 log = logging.getLogger(__name__)
 
+# Prompt logprobs: rows of hidden states taken through the LM head at a time, each slice reduced
+# to its few numbers before the next (a 4k-token prompt never holds [4k, vocab] logits).
+PROMPT_LOGPROB_SLICE = 256
+
+
+@dataclass
+class PromptSpan:
+    """Packed rows ``[row, row + len(targets))`` of one step predict prompt tokens
+    ``first, first + 1, ...`` (``targets``) of ``request``, which wants the top ``k``."""
+
+    request: Request
+    row: int
+    first: int
+    targets: list[int]
+    k: int
+
+
+@dataclass
+class PromptLogprobsChunk:
+    """Prompt logprobs computed in one step: entries ``first, first + 1, ...`` of the request's
+    ``prompt_logprobs`` / ``prompt_token_ranks``."""
+
+    request: Request
+    first: int
+    logprobs: list[dict[int, float]]
+    ranks: list[int]
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass produced: the batch order, float32 logits of the sequences that
+    complete (in that order), and the prompt logprobs of requests that asked for them."""
+
+    order: list[ScheduledSeq]
+    logits: torch.Tensor
+    prompt_logprobs: list[PromptLogprobsChunk] = field(default_factory=list)
+
+
+def prompt_spans(order: list[ScheduledSeq]) -> list[PromptSpan]:
+    """The rows of this step whose logits give prompt logprobs still missing (none twice: a
+    recomputed prefix, after preemption, only fills what is not there yet)."""
+    spans = []
+    t = 0
+    for s in order:
+        req = s.seq.request
+        if req is not None and req.needs_prompt_logprobs:
+            # Row of position q predicts prompt token q + 1; entries up to len(...) - 1 exist.
+            lo = max(s.start, len(req.prompt_logprobs) - 1)
+            hi = min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1)
+            if lo < hi:
+                spans.append(PromptSpan(req, t + lo - s.start, lo + 1, s.seq.token_ids[lo + 1:hi + 1],
+                                        req.params.prompt_logprobs))
+        t += s.num_new_tokens
+    return spans
 
 
 class ModelRunner:
@@ -61,6 +117,7 @@ class ModelRunner:
         self.head_dim = getattr(text_cfg, "head_dim", None) or (
             text_cfg.hidden_size // text_cfg.num_attention_heads)
         self.vocab_size = text_cfg.vocab_size
+        self.final_logit_softcapping = getattr(text_cfg, "final_logit_softcapping", None)
         self.max_position_embeddings = getattr(text_cfg, "max_position_embeddings", None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
@@ -194,28 +251,63 @@ class ModelRunner:
                            mask=valid[:, None, None, :], ctx_lens=ctx)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
-        """Run the step; returns the batch order and float32 logits for sequences that complete,
-        in that order."""
+    def execute(self, sched: SchedulerOutput) -> StepOutput:
+        """Run the step: the batch order, float32 logits for sequences that complete (in that
+        order), and the step's prompt logprobs."""
         self.copy_blocks(sched.blocks_to_copy)
         order, input_ids, positions, meta, rows = self.prepare(sched)
-        if not rows:
-            keep = torch.tensor([input_ids.shape[1] - 1], device=self.device)
-        else:
-            keep = torch.tensor(rows, device=self.device)
-        if self.vision is not None:
-            logits = self._execute_vl(order, input_ids, meta, keep)
-        else:
+        spans = prompt_spans(order)
+        if self.vision is None and not spans:  # the fast path: the LM head only for sampled rows
+            keep = torch.tensor(rows or [input_ids.shape[1] - 1], device=self.device)
             out = self.model(input_ids=input_ids, position_ids=positions, paged_attn=meta,
                              use_cache=False, logits_to_keep=keep)
-            logits = out.logits[0].float()
-        if not rows:
-            logits = logits[:0]
-        return order, logits
+            return StepOutput(order, out.logits[0, :len(rows)].float())
+        if self.vision is not None:
+            hidden = self._execute_vl(order, input_ids, meta)
+        else:
+            hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=positions, paged_attn=meta,
+                                              use_cache=False).last_hidden_state[0]
+        logits = self._lm_head(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        return StepOutput(order, logits, [self._prompt_logprobs(hidden, sp) for sp in spans])
 
-    def _execute_vl(self, order: list[ScheduledSeq], input_ids: torch.Tensor, meta: AttentionMetadata,
-                    keep: torch.Tensor) -> torch.Tensor:
-        """Packed forward of a vision-language model: image rows merged, M-RoPE positions."""
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden-state rows, as the model's own forward computes them."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if self.final_logit_softcapping:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, span: PromptSpan) -> PromptLogprobsChunk:
+        """Logprob, rank and top-k of each target, the LM head applied a slice of rows at a time."""
+        targets = torch.tensor(span.targets, dtype=torch.long, device=self.device)
+        values: list[float] = []
+        ranks: list[int] = []
+        top_v: list[list[float]] = []
+        top_i: list[list[int]] = []
+        for a in range(0, len(span.targets), PROMPT_LOGPROB_SLICE):
+            b = min(a + PROMPT_LOGPROB_SLICE, len(span.targets))
+            lsm = torch.log_softmax(self._lm_head(hidden[span.row + a:span.row + b]), dim=-1)
+            val = lsm.gather(1, targets[a:b].unsqueeze(1))
+            ranks += ((lsm > val).sum(dim=-1) + 1).tolist()
+            values += val.squeeze(1).tolist()
+            if span.k:
+                tv, ti = lsm.topk(span.k, dim=-1)
+                top_v += tv.tolist()
+                top_i += ti.tolist()
+            del lsm
+        entries = []
+        for j, (tok, lp) in enumerate(zip(span.targets, values)):
+            d = {tok: lp}
+            for i, v in zip(top_i[j] if span.k else (), top_v[j] if span.k else ()):
+                d.setdefault(i, v)
+            entries.append(d)
+        return PromptLogprobsChunk(span.request, span.first, entries, ranks)
+
+    def _execute_vl(self, order: list[ScheduledSeq], input_ids: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+        """Packed forward of a vision-language model (image rows merged, M-RoPE positions) to the
+        last hidden states, [T, H]."""
         vis = self.vision
         # Vision tower for every request whose image tokens are computed for the first time.
         need = []
@@ -254,4 +346,4 @@ class ModelRunner:
                      "deepstack_visual_embeds": [torch.cat(layer) for layer in zip(*deep_parts)]}
         hidden = self.model.model.language_model(inputs_embeds=embeds, position_ids=positions,
                                                  paged_attn=meta, use_cache=False, **extra).last_hidden_state
-        return self.model.lm_head(hidden[0, keep]).float()
+        return hidden[0]

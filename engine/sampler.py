@@ -1,9 +1,12 @@
-"""Batched sampling on tensors: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+"""Batched sampling on tensors: grammar masks, logit controls, penalties, temperature,
+top-k/top-p/min-p, seeds, logprobs."""
 
 from __future__ import annotations
 
 import torch
 
+from .logit_controls import apply_logit_controls
+from .reasoning import ReasoningGate, ThinkState
 from .sequence import Sequence
 from .structured_output import apply_grammar_masks
 
@@ -16,10 +19,11 @@ class Sampler:
     whether it runs alone or batched with others.
     """
 
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, reasoning: ReasoningGate | None = None):
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.reasoning = reasoning
 
     def make_generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -39,10 +43,11 @@ class Sampler:
         want_lp = [p.logprobs for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
 
-        matchers = [s.grammar for s in seqs]
-        if any(m is not None for m in matchers):
+        if any(s.grammar is not None for s in seqs):
             # Before every other transform, in place: the step's logits are not read after sampling.
-            apply_grammar_masks(logits, matchers)
+            self._apply_grammars(logits, seqs)
+        if any(s.request.logit_controls is not None for s in seqs):
+            apply_logit_controls(logits, seqs)
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)
 
@@ -72,6 +77,27 @@ class Sampler:
                     d.setdefault(ti[i][j], tv[i][j])
                 lp_out[i] = d
         return token_list, lp_out
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Grammar masks of the rows whose grammar applies now: none while a sequence is thinking;
+        a sequence that may open a thinking block also keeps ``<think>``."""
+        matchers = []
+        may_open = []
+        for i, s in enumerate(seqs):
+            if s.think is ThinkState.THINKING:
+                matchers.append(None)
+                continue
+            if s.think is ThinkState.MAY_OPEN:
+                may_open.append(i)
+            matchers.append(s.grammar)
+        if may_open:
+            rows = torch.tensor(may_open, device=logits.device)
+            start = self.reasoning.start_id
+            saved = logits[rows, start].clone()
+            apply_grammar_masks(logits, matchers)
+            logits[rows, start] = saved
+        else:
+            apply_grammar_masks(logits, matchers)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         n, vocab = logits.shape

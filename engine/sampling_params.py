@@ -62,7 +62,16 @@ class SamplingParams:
     """Sampling settings of one request, mirroring ``vllm.SamplingParams``.
 
     ``temperature == 0`` means greedy. ``logprobs`` is the number of top logprobs returned per
-    generated token (0 returns only the sampled token's logprob; None returns nothing).
+    generated token (0 returns only the sampled token's logprob; None returns nothing);
+    ``prompt_logprobs`` the same for every prompt token (the first has none).
+
+    Logit controls, applied to the logits that are sampled from (greedy included), never to the
+    reported logprobs: ``logit_bias`` (token id -> bias, clamped to [-100, 100] as OpenAI does),
+    ``min_tokens`` (EOS and ``stop_token_ids`` masked, stop strings ignored, until that many
+    output tokens exist), ``bad_words`` (vLLM's semantics, see ``engine/logit_controls.py``) and
+    ``allowed_token_ids``. ``truncate_prompt_tokens`` keeps the last k prompt tokens (-1: the
+    model's context length). ``max_tokens=0`` prefills the prompt (for its prompt logprobs) and
+    finishes with ``"length"`` without sampling.
     """
 
     n: int = 1
@@ -83,9 +92,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     extra: dict = field(default_factory=dict)
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,6 +110,14 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.min_tokens is None:
+            self.min_tokens = 0
+        if self.logit_bias:
+            self.logit_bias = _clamped_bias(self.logit_bias, self.MAX_LOGIT_BIAS)
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         self.validate()
 
     def validate(self) -> None:
@@ -117,10 +141,27 @@ class SamplingParams:
             bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
         if not self.repetition_penalty > 0:
             bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
+            bad("max_tokens", f"must be an integer >= 0, got {self.max_tokens!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             bad("logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS):
+            bad("prompt_logprobs", f"must be an integer in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            bad("bad_words", "must hold non-empty strings")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids
+                or any(not _is_int(t) or t < 0 for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", "must be a non-empty list of token ids")
+        if self.truncate_prompt_tokens is not None and (
+                not _is_int(self.truncate_prompt_tokens)
+                or (self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1)):
+            bad("truncate_prompt_tokens", f"must be -1 or an integer >= 1, got {self.truncate_prompt_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -139,3 +180,31 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def has_logit_controls(self) -> bool:
+        """Whether any of logit_bias, min_tokens, bad_words, allowed_token_ids is in use."""
+        return bool(self.logit_bias or self.min_tokens or self.bad_words
+                    or self.allowed_token_ids is not None)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _clamped_bias(bias, limit: float) -> dict[int, float]:
+    """Token id keys (OpenAI sends them as strings) with float values clamped to +-``limit``."""
+    if not isinstance(bias, dict):
+        raise InvalidParameter("logit_bias", "logit_bias must map token ids to numbers")
+    out = {}
+    for key, value in bias.items():
+        try:
+            tid = int(key) if not isinstance(key, bool) else None
+            val = float(value)
+        except (TypeError, ValueError):
+            tid = None
+        if tid is None or tid < 0 or isinstance(value, bool) or val != val:
+            raise InvalidParameter("logit_bias", f"logit_bias must map token ids to numbers, "
+                                                 f"got {key!r}: {value!r}")
+        out[tid] = min(limit, max(-limit, val))
+    return out

@@ -130,11 +130,13 @@ class Scheduler:
                 pending_forks = (req.params.n - 1) if (req is not None and not req.forked) else 0
                 if self.running and len(self.running) + 1 + pending_forks > self.max_num_seqs:
                     break
-                hits = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+                # A cache hit would hide positions whose prompt logprobs are still wanted.
+                lookup = seq.num_computed_tokens == 0 and not (req is not None and req.needs_prompt_logprobs)
+                hits = self.kv.find_cached_prefix(seq) if lookup else []
                 n = min(seq.num_tokens - len(hits) * self.kv.block_size, budget)
                 if not self.kv.allocate_slots(seq, n, out.blocks_to_copy, cached_blocks=hits):
                     break
-                if hits or self.kv.enable_prefix_caching:
+                if hits or (lookup and self.kv.enable_prefix_caching):
                     self.kv.record_prefix_query(seq, len(hits) * self.kv.block_size)
                 if seq.num_output_tokens == 0:
                     seq.num_cached_tokens = len(hits) * self.kv.block_size

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from .reasoning import ThinkState
 from .sampling_params import SamplingParams
 
 
@@ -41,6 +42,9 @@ class Sequence:
     detok: Any = None  # incremental detokenizer state
     grammar: Any = None  # the grammar matcher of a constrained request, advanced with each token
     prefix_salt: bytes = b""  # mixed into the first block hash (e.g. image hashes)
+    # Constrained sequences of an engine with a reasoning parser: whether the grammar applies yet
+    # (engine/reasoning.py); None: it always does.
+    think: ThinkState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +88,16 @@ class Request:
     error: BaseException | None = None
     mm: Any = None  # MultiModalInput of a vision-language request
     grammar: Any = None  # CompiledGrammar of a constrained request (each sequence gets a matcher)
+    logit_controls: Any = None  # LogitControls (engine/logit_controls.py) when params use any
+    # With params.prompt_logprobs: one entry per prompt token computed so far (the first is None),
+    # filled chunk by chunk as the prompt is prefilled; once per request whatever ``n``.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_token_ranks: list[int | None] | None = None
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still to be computed."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def is_finished(self) -> bool:

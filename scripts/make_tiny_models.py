@@ -59,8 +59,75 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+# tiny-qwen3's own template, in the style of Qwen3's (written here): CHAT_TEMPLATE's ChatML and tools,
+# plus thinking. An assistant turn after the last user message shows its reasoning (its
+# reasoning_content, or the <think> part of its content) as "<think>\n...\n</think>\n\n"; earlier
+# turns keep only their answer. With add_generation_prompt and enable_thinking false, the assistant
+# turn opens with an empty think block, so the model answers without thinking.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- macro content(c) -%}"
+    "{%- if c is string -%}{{- c -}}"
+    "{%- elif c is not none -%}{%- for part in c -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- set skip_first = tools and messages and messages[0]['role'] == 'system' -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if skip_first -%}{{- content(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call functions. Their signatures, inside <tools></tools>:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call one, answer with its name and arguments as a JSON object in '"
+    " + '<tool_call></tool_call> tags:'"
+    " + '\\n<tool_call>\\n{\"name\": <name>, \"arguments\": <arguments object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- set ns = namespace(last_query=-1) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and skip_first -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + content(message['content']) + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set answer = content(message['content']) -%}"
+    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string else '' -%}"
+    "{%- if '</think>' in answer -%}"
+    "{%- if not reasoning -%}{%- set reasoning = answer.split('</think>')[0].split('<think>')[-1] -%}{%- endif -%}"
+    "{%- set answer = answer.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.index0 > ns.last_query and reasoning.strip('\\n') -%}"
+    "{{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- answer -}}"
+    "{%- if message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- if not loop.first or answer -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' -}}"
+    "{{- fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -}}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content(message['content']) + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+TEMPLATES = {"qwen3": QWEN3_CHAT_TEMPLATE}  # the other kinds: CHAT_TEMPLATE
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>"]
+THINK_TOKENS = ["<think>", "</think>"]
 MULTILINGUAL = [
     "Grüße aus München, schöne Straße und Käse.", "Café crème, déjà vu, naïve façade.",
     "你好，世界。今天天气很好，我们去公园散步吧。", "こんにちは、世界。東京は大きな都市です。",
@@ -101,6 +168,9 @@ def train_tokenizer(vocab_size: int):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", bos_token=None,
                                    additional_special_tokens=SPECIAL)
+    # Reasoning markers as Qwen3 and DeepSeek-R1 have them: added tokens that are not special, so
+    # they stay in decoded text (with skip_special_tokens) for the reasoning parsers to split on.
+    fast.add_tokens(THINK_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -145,7 +215,9 @@ def build(out: Path, kind: str, tokenizer, big: bool | str = False, dtype: str =
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[-1], do_sample=False)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    tokenizer.chat_template = TEMPLATES.get(kind, CHAT_TEMPLATE)  # the tokenizer is shared: set back below
     tokenizer.save_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
     return path
 
 

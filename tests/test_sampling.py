@@ -109,7 +109,7 @@ def test_generation_stops_on_any_eos_of_generation_config(make_llm):
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.1),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0),
-    ("max_tokens", 0), ("n", 0), ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]),
+    ("max_tokens", -1), ("n", 0), ("logprobs", 21), ("stop", [""]), ("stop_token_ids", [-1]),
 ])
 def test_invalid_parameters_raise_naming_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
