@@ -55,7 +55,8 @@ def config_error(e: ValidationError, where: str) -> ConfigError:
     loc = ".".join(str(p) for p in first.get("loc", ()))
     if first.get("type") == "extra_forbidden":
         return ConfigError(f"unknown {where} setting {loc!r}")
-    return ConfigError(f"{where} setting {loc}: {first.get('msg')}")
+    msg = str(first.get("msg")).removeprefix("Value error, ")
+    return ConfigError(f"{where} setting {loc}: {msg}" if loc else f"{where} settings: {msg}")
 
 
 def merge(*layers: dict[str, Any] | None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 control-plane process reads and the manager writes).
 
 Keys (prefix ``llmc:``):
-  worker:{id}      hash: id, url, models (JSON list of {name, kind, max_model_len}), status
+  worker:{id}      hash: id, url, models (JSON list of {name, kind, max_model_len, alias_of}: one
+                   entry per served name), status
                    (ready|draining), last_heartbeat, registered_at, load (JSON); EXPIREs after the
                    heartbeat TTL, so a silent worker vanishes even with no sweeper running
   model:{name}     set of worker ids serving the model
@@ -62,6 +63,9 @@ class ModelInfo(_Wire):
     name: str = Field(min_length=1)
     kind: str = "generate"
     max_model_len: int | None = None
+    # Set on another served name of a model (served_model_name): the model's first name. Left out
+    # of the wire when unset, so a model's own entry stays {name, kind, max_model_len}.
+    alias_of: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class RegisterBody(_Wire):

@@ -16,7 +16,7 @@ from clusterkit.registry import HeartbeatBody, RegisterBody, Registry
 from router.app import create_router_app
 from router.settings import RouterSettings
 
-from .dashboard import PAGE
+from .dashboard import page
 
 log = logging.getLogger("manager")
 
@@ -88,8 +88,10 @@ def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
         log.info("worker %s deregistered", wid)
         return {"id": wid, "removed": True}
 
+    dashboard_page = page(settings.root_path)
+
     @app.get("/", response_class=HTMLResponse)
     async def dashboard():
-        return PAGE
+        return dashboard_page
 
     return app

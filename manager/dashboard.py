@@ -1,5 +1,7 @@
 """GET /: a small live dashboard of workers, models and load (refreshes itself every second)."""
 
+import json
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llm-cluster</title>
 <style>
@@ -16,11 +18,12 @@ PAGE = """<!doctype html>
 <th>load (running / waiting / KV)</th><th>last heartbeat</th></tr></thead><tbody id="workers"></tbody></table>
 <script>
 const key = new URLSearchParams(location.hash.slice(1)).get("key");
+const root = __ROOT_PATH__;  // the server's --root-path: the page may be served below a prefix
 function cell(tr, text, cls) { const td = document.createElement("td"); td.textContent = text;
   if (cls) td.className = cls; tr.appendChild(td); }
 async function refresh() {
   try {
-    const r = await fetch("/workers", {headers: key ? {Authorization: "Bearer " + key} : {}});
+    const r = await fetch(root + "/workers", {headers: key ? {Authorization: "Bearer " + key} : {}});
     if (!r.ok) throw new Error("HTTP " + r.status);
     const workers = await r.json();
     const wt = document.getElementById("workers"); wt.replaceChildren();
@@ -45,3 +48,8 @@ async function refresh() {
 refresh(); setInterval(refresh, 1000);
 </script></body></html>
 """
+
+
+def page(root_path: str) -> str:
+    """The dashboard for a server below ``root_path`` ("" at the top)."""
+    return PAGE.replace("__ROOT_PATH__", json.dumps(root_path).replace("<", "\\u003c"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from fastapi.responses import Response
 from clusterkit.asgi import install_error_handlers
 from clusterkit.auth import require_bearer
 from clusterkit.errors import APIError, ErrorTable
+from clusterkit.http_options import package_version, with_server_options
 from clusterkit.registry import Registry
 
 from .front import ProxyRoutes
@@ -30,12 +32,15 @@ log = logging.getLogger("router")
 Hook = Callable[[AsyncIOScheduler], Awaitable[None]]
 
 
-def entrypoint(app: FastAPI) -> ProxyRoutes:
-    """The ASGI app to serve: the proxied OpenAI routes in front of ``app``. FastAPI's middleware
-    stack costs more per request than forwarding itself, so the hot path never enters it."""
+def entrypoint(app: FastAPI):
+    """The ASGI app to serve: the proxied OpenAI routes in front of ``app``, inside the layers the
+    server options turn on (CORS, root path, request ids: :mod:`clusterkit.http_options`).
+    FastAPI's middleware stack costs more per request than forwarding itself, so the hot path
+    never enters it."""
     s = app.state
-    return ProxyRoutes(app, settings=s.settings, view=s.view, limiter=s.limiter, metrics=s.metrics,
-                       proxy=s.proxy)
+    routes = ProxyRoutes(app, settings=s.settings, view=s.view, limiter=s.limiter, metrics=s.metrics,
+                         proxy=s.proxy)
+    return with_server_options(routes, s.settings)
 
 
 def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, title: str = "llm-cluster router",
@@ -78,6 +83,7 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.view, app.state.settings = view, settings
+    started = int(time.time())
     app.state.metrics, app.state.proxy, app.state.limiter = metrics, proxy, limiter
     install_error_handlers(app, ErrorTable(), settings.max_body_bytes)
 
@@ -93,6 +99,12 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
             raise APIError(503, f"redis unreachable: {type(e).__name__}") from None
         return {"status": "ok", "workers": len(view.live())}
 
+    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) health check
+
+    @app.get("/version")
+    async def version():
+        return {"version": package_version()}
+
     @app.get("/metrics")
     async def prom():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -101,8 +113,9 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
     async def models(request: Request):
         require_bearer(request.scope["headers"], settings.api_keys)
         return {"object": "list", "data": [
-            {"id": m["name"], "object": "model", "created": 0, "owned_by": "llm-cluster",
-             "max_model_len": m.get("max_model_len"), "kind": m.get("kind")} for m in view.models()]}
+            {"id": m["name"], "object": "model", "created": started, "owned_by": "llm-cluster",
+             "root": m.get("alias_of") or m["name"], "parent": None, "max_model_len": m.get("max_model_len"),
+             "kind": m.get("kind")} for m in view.models()]}
 
     @app.get("/workers")
     async def workers(request: Request):

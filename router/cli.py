@@ -8,6 +8,7 @@ import os
 
 from clusterkit import cli
 from clusterkit.config import ConfigError, load_yaml
+from clusterkit.http_options import add_server_flags
 
 from .settings import POLICIES, RouterSettings, build_settings
 
@@ -25,6 +26,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--heartbeat-ttl", dest="heartbeat_ttl", type=float)
     ap.add_argument("--rate-limit-rpm", dest="requests_per_minute", type=int, help="requests/min per key")
     ap.add_argument("--rate-limit-tpm", dest="tokens_per_minute", type=int, help="tokens/min per key")
+    add_server_flags(ap)  # CORS, --root-path, request ids, request logs (vLLM's names)
     ap.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
 
 

@@ -4,24 +4,32 @@ Every proxied request passes here, so this skips what FastAPI would add per requ
 ``Request`` objects, dependency resolution, response classes): it checks the key, reads the body
 under the size limit, finds the model, applies the rate limit and hands over to :class:`Proxy`.
 Every other path (registry views, metrics, dashboard, registry writes) goes on to FastAPI.
+
+A client's ``X-Request-Id`` always goes on to the worker; with ``--enable-request-id-headers`` (or
+``--enable-log-requests``) a request without one gets a new one, so the router's and the worker's
+log lines of a request share its id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 from clusterkit.asgi import read_body, send_exception
 from clusterkit.auth import require_bearer
 from clusterkit.errors import APIError, ErrorTable
+from clusterkit.http_options import REQUEST_ID, client_request_id, new_request_id
+from clusterkit.request_log import request_line
 
 from .metrics import RouterMetrics
-from .proxy import Proxy
+from .proxy import Proxy, RouteTrace
 from .ratelimit import RateLimiter
 from .settings import RouterSettings
 from .state import RegistryView
 
 log = logging.getLogger("router")
+request_log = logging.getLogger("router.requests")
 
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
           "/tokenize": "tokenize", "/detokenize": "detokenize"}
@@ -43,18 +51,28 @@ def token_estimate(body: dict, raw_len: int) -> int:
 
 
 class ProxyRoutes:
-    """ASGI middleware serving :data:`ROUTES` through the proxy; everything else passes to ``app``."""
+    """ASGI middleware serving :data:`ROUTES` (below the root path) through the proxy; everything
+    else passes to ``app``."""
 
     def __init__(self, app, *, settings: RouterSettings, view: RegistryView, limiter: RateLimiter,
                  metrics: RouterMetrics, proxy: Proxy):
         self.app, self.settings, self.view, self.limiter, self.metrics = app, settings, view, limiter, metrics
         self.proxy = proxy
         self.errors = ErrorTable()
+        # RootPath (clusterkit.http_options) leaves the prefix in scope["path"]: match it whole,
+        # forward the path without it.
+        self.routes = {settings.root_path + p: (p, e) for p, e in ROUTES.items()}
+        self.log_requests = settings.enable_log_requests
 
     async def __call__(self, scope, receive, send):
-        endpoint = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
-        if endpoint is None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
             return await self.app(scope, receive, send)
+        path, endpoint = route
+        rid = scope.get(REQUEST_ID) or client_request_id(scope["headers"])
+        trace = None
+        if self.log_requests:
+            rid, trace, start = rid or new_request_id(), RouteTrace(), time.perf_counter()
         model = "-"
         try:
             if scope["method"] != "POST":
@@ -73,12 +91,16 @@ class ProxyRoutes:
                     raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
                 raise APIError(503, f"no live worker serves model {model!r}", "model")
             text = prompt_text_of(body) if self.settings.policy == "prefix_affinity" else ""
-            status = await self.proxy.forward(receive, send, scope["path"], raw, model, text, endpoint)
+            status = await self.proxy.forward(receive, send, path, raw, model, text, endpoint, rid, trace)
         except ConnectionAbortedError:
             status = "499"
         except Exception as e:  # APIError (refused before routing, read_body's 413), or a bug
             status = str(await send_exception(send, e, self.errors, scope["path"]))
         self.metrics.requests.labels(model, endpoint, status).inc()
+        if trace is not None:
+            request_log.info("request %s", request_line({
+                "id": rid, "model": model, "endpoint": path, "worker": trace.worker, "status": status,
+                "latency_ms": round((time.perf_counter() - start) * 1000, 1), "attempts": trace.attempts}))
 
     def _client_of(self, scope) -> str:
         """The client's key (rate limits are per key), or its address when keys are off."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from clusterkit.asgi import DisconnectWatch, send_error
 from clusterkit.errors import error_body
@@ -33,6 +34,14 @@ def sse_error(message: str, code: int = 502) -> bytes:
     return f"data: {json.dumps(error_body(code, message))}\n\n".encode()
 
 
+@dataclass
+class RouteTrace:
+    """Where one request went, for its request log line."""
+
+    worker: str | None = None  # the last worker tried
+    attempts: int = 0
+
+
 class Proxy:
     """Routes requests over the live workers of a model through one shared :class:`UpstreamPool`."""
 
@@ -43,6 +52,9 @@ class Proxy:
         self.max_attempts = settings.max_attempts
         self.first_byte_timeout = settings.first_byte_timeout
         self.idle_timeout = settings.stream_idle_timeout
+        # With request id headers on, the client gets the id from the router's own layer, so the
+        # worker's echo of it is dropped rather than sent twice.
+        self.drop = DROP_HEADERS | ({b"x-request-id"} if settings.enable_request_id_headers else set())
         token = settings.worker_token
         self.pool = UpstreamPool({"authorization": f"Bearer {token}"} if token else None,
                                  connect_timeout=settings.connect_timeout)
@@ -56,15 +68,19 @@ class Proxy:
         return allowed or live  # all breakers open: still try rather than fail outright
 
     async def forward(self, receive, send, path: str, body: bytes, model: str, prompt_text: str = "",
-                      endpoint: str = "") -> str:
-        """Answer the client from a worker; returns the final status, for the request counter."""
+                      endpoint: str = "", request_id: str | None = None, trace: RouteTrace | None = None) -> str:
+        """Answer the client from a worker; returns the final status, for the request counter.
+        ``request_id`` (already checked to be a safe header value) goes to the worker as
+        ``X-Request-Id``; ``trace`` (optional) learns the worker and the number of attempts."""
         watch = DisconnectWatch(receive)
+        extra = b"x-request-id: %s\r\n" % request_id.encode() if request_id else b""
         try:
-            return await self._forward(watch, send, path, body, model, prompt_text, endpoint)
+            return await self._forward(watch, send, path, body, model, prompt_text, endpoint, extra, trace)
         finally:
             watch.stop()
 
-    async def _forward(self, watch: DisconnectWatch, send, path, body, model, prompt_text, endpoint) -> str:
+    async def _forward(self, watch: DisconnectWatch, send, path, body, model, prompt_text, endpoint,
+                       extra: bytes, trace: RouteTrace | None) -> str:
         tried: set[str] = set()
         start = time.perf_counter()
         last_error = "no live worker serves this model"
@@ -76,13 +92,15 @@ class Proxy:
                 break
             w = self.picker.pick(model, cands, prompt_text)
             tried.add(w.id)
+            if trace is not None:
+                trace.worker, trace.attempts = w.id, trace.attempts + 1
             self.inflight.inc(w.id)
             self.breaker.begin(w.id)
             ex: Exchange | None = None
             settled = False  # the breaker heard how this attempt went
             deadline = time.monotonic() + self.first_byte_timeout
             try:
-                ex = self.pool.post(w.url, path, body)
+                ex = self.pool.post(w.url, path, body, extra)
                 watch.on_gone = ex.abort  # closing the connection is what cancels the work upstream
                 await ex.start(self.first_byte_timeout)
                 if ex.status in RETRY_STATUSES:
@@ -92,7 +110,7 @@ class Proxy:
                     last_error, status_for_none = f"worker {w.id} answered {ex.status}", ex.status
                     m.retries.labels(model, str(ex.status)).inc()
                     continue
-                headers = [(k, v) for k, v in ex.headers if k.lower() not in DROP_HEADERS]
+                headers = [(k, v) for k, v in ex.headers if k.lower() not in self.drop]
                 headers.append((b"x-llmc-worker", w.id.encode()))  # which worker served it
                 ctype = ex.header(b"content-type") or b""
                 if not ctype.startswith(b"text/event-stream"):

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from clusterkit.config import ByteSize, config_error, merge
+from clusterkit.http_options import ServerOptions
 
 Policy = Literal["least_load", "round_robin", "power_of_two", "prefix_affinity"]
 POLICIES: tuple[str, ...] = Policy.__args__
 
 
-class RouterSettings(BaseModel):
-    """Every router setting with its default (documented in config.yaml)."""
+class RouterSettings(ServerOptions):
+    """Every router setting with its default (documented in config.yaml); the HTTP server options
+    (CORS, root path, request ids and logs) come from :class:`ServerOptions`."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

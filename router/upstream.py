@@ -337,11 +337,12 @@ class UpstreamPool:
             self._targets[base_url] = t
         return t
 
-    def post(self, base_url: str, path: str, body: bytes) -> Exchange:
-        """A ``POST base_url+path`` exchange, not yet sent: call :meth:`Exchange.start`."""
+    def post(self, base_url: str, path: str, body: bytes, extra_headers: bytes = b"") -> Exchange:
+        """A ``POST base_url+path`` exchange, not yet sent: call :meth:`Exchange.start`.
+        ``extra_headers``: more header lines, each ending in CRLF (checked by the caller)."""
         key, hostport, prefix = self._target(base_url)
         payload = b"".join((b"POST ", prefix, path.encode(), b" HTTP/1.1\r\nhost: ", hostport,
-                            b"\r\ncontent-type: application/json\r\n", self._extra,
+                            b"\r\ncontent-type: application/json\r\n", self._extra, extra_headers,
                             b"content-length: %d\r\n\r\n" % len(body), body))
         return Exchange(self, key, payload)
 
