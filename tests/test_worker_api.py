@@ -71,12 +71,14 @@ def test_completions_prompt_shapes_echo_and_logprobs(client, model_dir, hf_refer
                                   echo=True, logprobs=3, extra_body={"ignore_eos": True})
     c = e.choices[0]
     assert c.text == "count: one two" + r.choices[0].text
-    assert len(c.logprobs.tokens) == 8 and len(c.logprobs.top_logprobs) == 8
-    assert all(len(t) >= 1 for t in c.logprobs.top_logprobs)
+    # the echoed prompt's tokens come first (the first has no logprob), then the 8 generated
+    assert len(c.logprobs.tokens) == len(ids) + 8 and len(c.logprobs.top_logprobs) == len(ids) + 8
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert all(len(t) >= 1 for t in c.logprobs.top_logprobs[1:])
     with torch.inference_mode():
         full = torch.tensor([ids + hf_greedy(hf, ids, 8)])
         ref = torch.log_softmax(hf(full).logits[0], -1)
-    for k, lp in enumerate(c.logprobs.token_logprobs):
+    for k, lp in enumerate(c.logprobs.token_logprobs[len(ids):]):
         assert abs(lp - ref[len(ids) - 1 + k].max().item()) < 1e-4
 
 

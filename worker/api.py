@@ -13,11 +13,12 @@ from fastapi.responses import Response
 from clusterkit.asgi import install_error_handlers
 from clusterkit.auth import require_bearer
 from clusterkit.errors import APIError
+from clusterkit.http_options import package_version, with_server_options
 
 from . import tokenization
 from .config import WorkerConfig
 from .errors import ERRORS
-from .front import InferenceRoutes
+from .front import InferenceRoutes, RequestLog
 from .media import MediaPolicy
 from .metrics import WorkerMetrics
 from .protocol import DetokenizeRequest, TokenizeRequest
@@ -26,12 +27,15 @@ from .vllm_manager import VLLMManager
 log = logging.getLogger("worker")
 
 
-def entrypoint(app: FastAPI) -> InferenceRoutes:
+def entrypoint(app: FastAPI):
     """The ASGI app to serve: the inference routes (raw ASGI, see :mod:`worker.front`) in front of
-    ``app``, which serves everything else."""
-    s = app.state
-    return InferenceRoutes(app, manager=s.manager, metrics=s.metrics, media=s.media, tokens=s.tokens,
-                           max_body_bytes=s.config.max_body_bytes)
+    ``app``, which serves everything else, inside the layers the server options turn on (CORS,
+    root path, request ids: :mod:`clusterkit.http_options`)."""
+    s, cfg = app.state, app.state.config
+    routes = InferenceRoutes(app, manager=s.manager, metrics=s.metrics, media=s.media, tokens=s.tokens,
+                             max_body_bytes=cfg.max_body_bytes, root_path=cfg.root_path,
+                             request_log=RequestLog(cfg.max_log_len) if cfg.enable_log_requests else None)
+    return with_server_options(routes, cfg)
 
 
 def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> FastAPI:
@@ -45,6 +49,11 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        try:
+            await manager.renderer.start()  # chat templates render in these processes
+        except BaseException:
+            manager.shutdown()
+            raise
         if registrar is not None:
             await registrar.start()
         log.info("worker ready: models=%s listening on %s:%d%s", list(manager.models), config.host,
@@ -55,6 +64,7 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
             if registrar is not None:
                 await registrar.stop()
             manager.shutdown()
+            manager.renderer.stop()
 
     app = FastAPI(title="llm-cluster worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.manager, app.state.metrics, app.state.media, app.state.config = manager, metrics, media, config
@@ -72,6 +82,12 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
             raise APIError(503, "an engine is dead")
         return {"status": "ok"}
 
+    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) health check
+
+    @app.get("/version")
+    async def version():
+        return {"version": package_version()}
+
     @app.get("/metrics")
     async def prom():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -79,12 +95,13 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
     @app.get("/v1/models", dependencies=[auth])
     async def models():
         return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "llm-cluster",
-             "root": m.source, "max_model_len": m.max_model_len, "kind": m.kind} for m in manager.models.values()]}
+            {"id": name, "object": "model", "created": m.created, "owned_by": "llm-cluster", "root": m.source,
+             "parent": None, "max_model_len": m.max_model_len, "kind": m.kind}
+            for m in manager.models.values() for name in m.names]}
 
     @app.post("/tokenize", dependencies=[auth])
     async def tokenize(req: TokenizeRequest):
-        return tokenization.tokenize(manager.get(req.model), req)
+        return await tokenization.tokenize(manager.get(req.model), req)
 
     @app.post("/detokenize", dependencies=[auth])
     async def detokenize(req: DetokenizeRequest):

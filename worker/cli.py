@@ -7,6 +7,7 @@ import os
 
 from clusterkit import cli
 from clusterkit.config import ConfigError, load_yaml
+from clusterkit.http_options import add_server_flags
 
 from .config import build_config
 
@@ -27,6 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default=None, help='tool_choice "auto" for every model (per model: config.yaml)')
     ap.add_argument("--tool-call-parser", dest="tool_call_parser", choices=["hermes", "llama3_json", "mistral"],
                     help="how tool calls are read from answers under \"auto\" (per model: config.yaml)")
+    ap.add_argument("--trust-request-chat-template", dest="trust_request_chat_template", action="store_true",
+                    default=None, help="let requests bring their own chat_template (templates are code)")
+    ap.add_argument("--reasoning-parser", dest="reasoning_parser", choices=["qwen3", "deepseek_r1"],
+                    help="split thinking into reasoning_content for every model (per model: config.yaml)")
+    ap.add_argument("--generation-config", dest="generation_config",
+                    help="auto (default): request defaults from each model's generation_config.json; "
+                         "vllm: none; or a directory holding one")
+    ap.add_argument("--served-model-name", dest="served_model_name", nargs="+", action="extend",
+                    help="more names the one served model answers to (per model: config.yaml)")
+    add_server_flags(ap)  # CORS, --root-path, request ids, request logs (vLLM's names)
     ap.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
     return ap.parse_args(argv)
 
@@ -44,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.model_loader import ModelLoadError
 
     from .api import create_app, entrypoint
-    from .registration import Registrar
+    from .registration import Registrar, registered_models
     from .vllm_manager import VLLMManager
 
     manager = VLLMManager(cfg)
@@ -55,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     registrar = None
     if cfg.manager_url:
         public = cfg.public_url or f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-        models = [{"name": m.name, "kind": m.kind, "max_model_len": m.max_model_len}
-                  for m in manager.models.values()]
-        registrar = Registrar(cfg.manager_url, public, models, manager.load_report,
+        registrar = Registrar(cfg.manager_url, public, registered_models(manager.models.values()),
+                              manager.load_report,
                               cfg.heartbeat_interval, cfg.worker_token)
     app = create_app(manager, cfg, registrar)
     if not cli.serve(entrypoint(app), cfg.host, cfg.port):

@@ -5,6 +5,7 @@ error at start-up rather than a setting silently left at its default."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -13,13 +14,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clusterkit.config import ByteSize, ConfigError, config_error, merge, parse_bytes
+from clusterkit.http_options import ServerOptions, StringList
 from engine import EngineConfig
 from engine.kv_budget import DEFAULT_CPU_KV_BYTES, KVRequest
 
+from .template_process import check_template_kwargs
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 ToolParserName = Literal["hermes", "llama3_json", "mistral"]  # worker/tool_parsers
+ReasoningParserName = Literal["qwen3", "deepseek_r1"]  # worker/reasoning_parsers
 # Engine settings config.yaml may give (engine_defaults, or per model); the rest are the worker's.
-ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {"model", "device", "gpu_memory_utilization"}
+# reasoning_parser is the worker's (resolved per model, then handed to the engine).
+ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {"model", "device", "gpu_memory_utilization", "reasoning_parser"}
 
 
 class _Settings(BaseModel):
@@ -41,11 +47,25 @@ class ModelSettings(_Settings):
     block_size: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     chat_template: str | None = None  # a template string, or a path to a .jinja file
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # template variables; a request's win
     enable_auto_tool_choice: bool | None = None  # default: the worker's
     tool_call_parser: ToolParserName | None = None  # default: the worker's
+    reasoning_parser: ReasoningParserName | None = None  # default: the worker's
+    generation_config: str | None = None  # default: the worker's ("auto")
+    served_model_name: StringList = Field(default_factory=list)  # more names it answers to
 
     def kv_request(self) -> KVRequest:
         return KVRequest(self.kv_cache_memory, self.gpu_memory_share)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_template_kwargs(v, "chat_template_kwargs")
+        try:
+            json.dumps(v)  # they travel to the renderer processes as JSON
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"chat_template_kwargs must be JSON data: {e}") from None
+        return v
 
     def read_chat_template(self) -> str | None:
         """The configured template: a file's text when it names a template file, else itself."""
@@ -55,7 +75,7 @@ class ModelSettings(_Settings):
         return v
 
 
-class WorkerConfig(_Settings):
+class WorkerConfig(_Settings, ServerOptions):
     """Everything ``python -m worker`` needs (each setting is documented in config.yaml)."""
 
     models: list[ModelSettings] = Field(default_factory=list)
@@ -76,6 +96,15 @@ class WorkerConfig(_Settings):
     max_image_pixels: int = Field(16_000_000, gt=0)  # per decoded image
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (per model in models[])
     tool_call_parser: ToolParserName | None = None  # how "auto" reads calls (per model in models[])
+    reasoning_parser: ReasoningParserName | None = None  # thinking -> reasoning_content (per model in models[])
+    generation_config: str = Field("auto", min_length=1)  # auto | vllm | a directory (per model in models[])
+    served_model_name: StringList = Field(default_factory=list)  # more names of the one model served
+    # Chat templates are code (worker/template_renderer.py): a request's own only when trusted; every
+    # render in a pool of renderer processes, with a time limit.
+    trust_request_chat_template: bool = False
+    chat_template_timeout: float = Field(10.0, gt=0)  # seconds per render; over it: 400
+    chat_template_processes: int = Field(2, ge=1)  # renderer processes kept warm
+    chat_template_max_processes: int = Field(4, ge=1)  # the pool grows to this while renders wait
     engine_defaults: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("engine_defaults")
@@ -102,11 +131,52 @@ class WorkerConfig(_Settings):
                                  f"(hermes, llama3_json or mistral)")
         return self
 
+    @model_validator(mode="after")
+    def _template_pool(self) -> WorkerConfig:
+        if self.chat_template_max_processes < self.chat_template_processes:
+            raise ValueError(f"chat_template_max_processes ({self.chat_template_max_processes}) is below "
+                             f"chat_template_processes ({self.chat_template_processes})")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_configs(self) -> WorkerConfig:
+        for m in self.models:
+            mode = self.generation_config_of(m)
+            if mode not in ("auto", "vllm") and not (Path(mode) / "generation_config.json").is_file():
+                raise ValueError(f"model {m.name!r}: generation_config must be auto, vllm or a directory "
+                                 f"holding generation_config.json, got {mode!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _served_names(self) -> WorkerConfig:
+        if self.served_model_name and len(self.models) != 1:
+            raise ValueError("served_model_name (--served-model-name) needs exactly one served model; "
+                             "give served_model_name per model under worker.models instead")
+        owner: dict[str, str] = {}
+        for m in self.models:
+            for n in self.served_names(m):
+                if not n.strip():
+                    raise ValueError(f"model {m.name!r}: empty served_model_name")
+                if owner.setdefault(n, m.name) != m.name:
+                    raise ValueError(f"served model name {n!r} is used by models {owner[n]!r} and {m.name!r}")
+        return self
+
+    def served_names(self, m: ModelSettings) -> list[str]:
+        """Every name ``m`` answers to: its own name first, then its served_model_name aliases."""
+        extra = self.served_model_name if len(self.models) == 1 else []
+        return list(dict.fromkeys([m.name, *m.served_model_name, *extra]))
+
     def auto_tool_choice(self, m: ModelSettings) -> bool:
         return self.enable_auto_tool_choice if m.enable_auto_tool_choice is None else m.enable_auto_tool_choice
 
     def tool_parser(self, m: ModelSettings) -> str | None:
         return m.tool_call_parser or self.tool_call_parser
+
+    def reasoning_parser_of(self, m: ModelSettings) -> str | None:
+        return m.reasoning_parser or self.reasoning_parser
+
+    def generation_config_of(self, m: ModelSettings) -> str:
+        return m.generation_config or self.generation_config
 
     def engine_config(self, m: ModelSettings, device: str) -> EngineConfig:
         """The engine settings of one model: engine defaults, then the model's own, then worker-wide."""
@@ -117,7 +187,7 @@ class WorkerConfig(_Settings):
         if "kv_cache_memory" in opts:
             opts["kv_cache_memory"] = parse_bytes(opts["kv_cache_memory"])
         return EngineConfig(model=m.source, device=device, gpu_memory_utilization=self.gpu_memory_utilization,
-                            **opts)
+                            reasoning_parser=self.reasoning_parser_of(m), **opts)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:

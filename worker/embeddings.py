@@ -7,12 +7,14 @@ import struct
 
 from clusterkit.errors import APIError
 
+from . import field_policy
 from .protocol import EmbeddingRequest
 from .vllm_manager import ServedModel
 
 
 async def create(served: ServedModel, req: EmbeddingRequest) -> dict:
     """The ``list`` of embeddings of every input (strings or token ids)."""
+    field_policy.check(req.model_extra, field_policy.EMBEDDINGS)
     inp = req.input
     if isinstance(inp, str):
         inp = [inp]
@@ -20,7 +22,7 @@ async def create(served: ServedModel, req: EmbeddingRequest) -> dict:
         inp = [inp]
     if not inp:
         raise APIError(400, "input must not be empty", "input")
-    batch = [served.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else list(x)
+    batch = [served.tokenizer.encode(x, add_special_tokens=req.add_special_tokens) if isinstance(x, str) else list(x)
              for x in inp]
     vocab = served.vocab_size
     for ids in batch:

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from typing import Any
 
 from clusterkit.errors import APIError
 
+from .template_process import check_template_kwargs
+from .template_renderer import RenderError, RenderJob, RenderTimeout
 from .vllm_manager import ServedModel
+
+# Rendered text longer than max_model_len * this cannot fit the model's context (tokens of real
+# prompts average ~4 characters), so the renderer refuses it rather than shipping it back.
+MAX_CHARS_PER_TOKEN = 64
 
 
 def template_takes_parts(template: str) -> bool:
@@ -79,29 +87,98 @@ def chat_messages(messages, images: list | None, parts_ok: bool) -> list[dict]:
     return out
 
 
-def render_chat(served: ServedModel, messages, add_generation_prompt: bool = True,
-                chat_template: str | None = None, images: list | None = None,
-                tools: list[dict] | None = None) -> list[int]:
-    """Chat messages (and tools) -> prompt token ids through the model's (or the configured) chat
-    template, exactly as ``apply_chat_template`` renders them. Image parts are appended to
-    ``images`` (VL models) and leave one placeholder each."""
-    template = chat_template or served.chat_template
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a request's chat is rendered and encoded (vLLM's field names): ``add_generation_prompt``
+    opens an assistant turn; ``continue_final_message`` leaves the last (assistant) message open
+    for the model to continue; ``add_special_tokens`` adds the tokenizer's own (e.g. BOS) when
+    encoding, off by default since the template writes them; ``chat_template`` is a request's own
+    template (trusted workers only); ``chat_template_kwargs`` are extra template variables over
+    the model's configured ones."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, req) -> ChatOptions:
+        """The options of a chat completion or a /tokenize request with messages."""
+        return cls(req.add_generation_prompt, req.continue_final_message, bool(req.add_special_tokens),
+                   req.chat_template, req.chat_template_kwargs)
+
+
+def _check_options(served: ServedModel, messages, options: ChatOptions) -> None:
+    if options.chat_template is not None and not served.renderer.trust_request_templates:
+        raise APIError(400, "a request's own chat_template is not accepted: chat templates are code, and this "
+                            "worker runs only its models' templates (start it with --trust-request-chat-template "
+                            "to allow them)", "chat_template")
+    if options.continue_final_message:
+        if options.add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
+                                "add_generation_prompt to false to continue the final message",
+                           "continue_final_message")
+        if messages[-1].role != "assistant":
+            raise APIError(400, f"continue_final_message needs the last message to be the assistant's, "
+                                f"not {messages[-1].role!r}", "continue_final_message")
+    if options.chat_template_kwargs:
+        try:
+            check_template_kwargs(options.chat_template_kwargs, "chat_template_kwargs")
+        except ValueError as e:
+            raise APIError(400, str(e), "chat_template_kwargs") from None
+
+
+def _template_of(served: ServedModel, requested: str | None, tools) -> str | None:
+    """The template to render: the request's own, else the model's (configured, else the
+    tokenizer's; of a tokenizer's named templates, ``tool_use`` when tools are given, else
+    ``default``, as transformers picks)."""
+    template = requested if requested is not None else served.chat_template
+    if isinstance(template, dict):
+        template = (template.get("tool_use") if tools is not None and "tool_use" in template
+                    else template.get("default"))
+    return template
+
+
+async def render_chat(served: ServedModel, messages, options: ChatOptions = ChatOptions(),
+                      images: list | None = None, tools: list[dict] | None = None) -> list[int]:
+    """Chat messages (and tools) -> prompt token ids through the model's (or the request's) chat
+    template, exactly as ``apply_chat_template`` renders them, then the tokenizer. The template
+    runs in a renderer process (:mod:`worker.template_renderer`) under a time limit, so it never
+    holds up the event loop; encoding stays here. Image parts are appended to ``images`` (VL
+    models) and leave one placeholder each: the images never leave the worker."""
+    _check_options(served, messages, options)
+    template = _template_of(served, options.chat_template, tools)
     if not template:
         raise APIError(400, f"model {served.name!r} has no chat template; use /v1/completions or "
                             f"configure chat_template", "messages")
     if served.images is None:
         images = None
-    msgs = chat_messages(messages, images, template_takes_parts(template))
+    job = RenderJob(template, chat_messages(messages, images, template_takes_parts(template)), tools,
+                    add_generation_prompt=options.add_generation_prompt,
+                    continue_final_message=options.continue_final_message,
+                    special_tokens=served.tokenizer.special_tokens_map,
+                    variables={**served.chat_template_kwargs, **(options.chat_template_kwargs or {})},
+                    max_chars=served.max_model_len * MAX_CHARS_PER_TOKEN)
+    culprit = "chat_template" if options.chat_template is not None else "messages"
     try:
-        text = served.tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, tools=tools,
-                                                    add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja errors: the template rejected these messages
-        raise APIError(400, f"chat template failed: {e}", "messages") from e
-    return served.tokenizer.encode(text, add_special_tokens=False)
+        text = await served.renderer.render(job)
+    except RenderTimeout:
+        raise APIError(400, f"the chat template took too long to render these messages (over the "
+                            f"{served.renderer.timeout:g} s limit); rendering was stopped", culprit) from None
+    except RenderError as e:
+        if e.kind == "too_long":
+            raise APIError(400, f"{e}: {served.max_model_len} tokens", "messages") from None
+        param = ("continue_final_message" if options.continue_final_message and "continue_final_message" in str(e)
+                 else culprit)
+        raise APIError(400, f"chat template failed: {e}", param) from None
+    return served.tokenizer.encode(text, add_special_tokens=options.add_special_tokens)
 
 
-def completion_prompts(served: ServedModel, prompt) -> list[tuple[str | None, list[int]]]:
-    """The four prompt shapes of /v1/completions -> [(text or None, token ids)]."""
+def completion_prompts(served: ServedModel, prompt, add_special_tokens: bool = True
+                       ) -> list[tuple[str | None, list[int]]]:
+    """The four prompt shapes of /v1/completions -> [(text or None, token ids)]; text prompts get
+    the tokenizer's special tokens (e.g. BOS) unless ``add_special_tokens`` is false."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
@@ -109,7 +186,7 @@ def completion_prompts(served: ServedModel, prompt) -> list[tuple[str | None, li
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((p, served.tokenizer.encode(p, add_special_tokens=True)))
+            out.append((p, served.tokenizer.encode(p, add_special_tokens=add_special_tokens)))
         else:
             out.append((None, list(p)))
     return out

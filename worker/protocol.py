@@ -1,14 +1,18 @@
-"""OpenAI-compatible wire formats (pydantic). Unknown fields are ignored, as OpenAI's API does."""
+"""OpenAI-compatible wire formats (pydantic).
+
+Request models keep the fields they do not declare (``model_extra``): fields that neither OpenAI
+nor vLLM define are ignored, as vLLM does, while the ones they define and we do not implement are
+answered 400 by :mod:`worker.field_policy` rather than dropped."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(_Req):
@@ -59,6 +63,15 @@ class SamplingFields(_Req):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
+    # vLLM's sampling extras and evaluation fields
+    min_tokens: int = 0
+    logit_bias: dict[str, float] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class ChatMessage(BaseModel):
@@ -71,6 +84,15 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reasoning_name(cls, data: Any) -> Any:
+        """An assistant turn sent back with vLLM's newer ``reasoning`` reaches the template as
+        ``reasoning_content`` too, the name chat templates (Qwen3's) read."""
+        if isinstance(data, dict) and data.get("reasoning") is not None and data.get("reasoning_content") is None:
+            data = {**data, "reasoning_content": data["reasoning"]}
+        return data
 
 
 class FunctionDef(BaseModel):
@@ -101,10 +123,14 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    chat_template: str | None = None
+    continue_final_message: bool = False  # the last (assistant) message is left open to continue
+    add_special_tokens: bool = False  # the template writes BOS & co.; true also adds the tokenizer's
+    chat_template: str | None = None  # a request's own: only with --trust-request-chat-template
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, over the model's defaults
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # vLLM's: false drops the reasoning of a reasoning model's answer
     # the legacy function-calling fields: refused by name rather than dropped
     functions: list[Any] | None = None
     function_call: Any = None
@@ -114,6 +140,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str | list[int]]
     logprobs: int | None = None
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: e.g. BOS before a text prompt
 
     @field_validator("prompt")
     @classmethod
@@ -129,15 +156,20 @@ class EmbeddingRequest(_Req):
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
     dimensions: int | None = None
+    add_special_tokens: bool = True
 
 
 class TokenizeRequest(_Req):
     model: str
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[ToolDef] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # default: true for prompt, false for messages (vLLM's)
     add_generation_prompt: bool = True
+    # with messages, as on chat completions (vLLM's TokenizeChatRequest)
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Req):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -15,6 +15,15 @@ from clusterkit.registry import HeartbeatBody, ModelInfo, RegisterBody
 log = logging.getLogger("worker.registration")
 
 MAX_BACKOFF_S = 60.0
+
+
+def registered_models(served: Iterable) -> list[dict]:
+    """The registry entries of served models (:class:`worker.vllm_manager.ServedModel`): one per
+    name each answers to, so the router routes every alias; an alias names its model's first name
+    (``alias_of``). Model sources (local paths) stay on the worker."""
+    return [{"name": n, "kind": m.kind, "max_model_len": m.max_model_len,
+             **({"alias_of": m.name} if n != m.name else {})}
+            for m in served for n in m.names]
 
 
 class Registrar:
@@ -38,7 +47,7 @@ class Registrar:
         self.manager_url = manager_url.rstrip("/")
         self.public_url = public_url
         self.models = [ModelInfo.model_validate(m) for m in models]
-        self.load = load
+        self._load = load
         self.interval = interval
         self.worker_id = worker_id or uuid.uuid4().hex[:16]
         headers = {"Authorization": f"Bearer {worker_token}"} if worker_token else {}
@@ -71,6 +80,14 @@ class Registrar:
         await self._client.aclose()
 
     # -- protocol --------------------------------------------------------------------------------
+    def load(self) -> dict[str, dict]:
+        """Per-name load: an alias reports its model's load, so routing by any name sees it."""
+        load = self._load()
+        for m in self.models:
+            if m.alias_of is not None and m.alias_of in load:
+                load[m.name] = load[m.alias_of]
+        return load
+
     def registration_body(self) -> RegisterBody:
         return RegisterBody(id=self.worker_id, url=self.public_url, models=self.models, load=self.load())
 

@@ -75,12 +75,13 @@ class Tracker:
 
 
 async def generate(served: ServedModel, ids: list[int], params: SamplingParams, metrics: WorkerMetrics,
-                   prompt: str | None = None, mm=None) -> AsyncIterator[RequestOutput]:
+                   prompt: str | None = None, mm=None, cache_salt: str | None = None
+                   ) -> AsyncIterator[RequestOutput]:
     """Engine outputs for one prompt, with metrics recorded."""
     tracker = Tracker(metrics, served.name)
     finished = False
     try:
-        async for out in served.generate(ids, params, prompt, mm):
+        async for out in served.generate(ids, params, prompt, mm, cache_salt):
             tracker.on_output(out)
             if out.finished:
                 finished = True

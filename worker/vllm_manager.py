@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ from engine.outputs import RequestOutput
 from engine.pooling import PoolingEngine, is_embedding_model
 
 from .config import ModelSettings, WorkerConfig
+from .generation_defaults import sampling_defaults
+from .template_renderer import TemplateRenderer
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +42,20 @@ class ServedModel:
     def __init__(self, name: str, source: str, engine: AsyncEngine | AsyncPoolingEngine, tokenizer,
                  max_model_len: int, vocab_size: int, chat_template: str | None = None, images=None,
                  kv_capacity_tokens: int = 0, tool_call_parser: str | None = None,
-                 enable_auto_tool_choice: bool = False):
+                 enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None):
         self.name, self.source, self.tokenizer = name, source, tokenizer
+        self.names = [name]  # every name it answers to (served_model_name aliases after its own)
         self.kind = "embed" if isinstance(engine, AsyncPoolingEngine) else "generate"
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.chat_template = chat_template
         self.images: ImagePreprocessor | None = images  # vision-language models only
         self.kv_capacity_tokens = kv_capacity_tokens
         self.tool_call_parser, self.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
+        self.reasoning_parser = reasoning_parser  # worker/reasoning_parsers name; None: no thinking split
         self.created = int(time.time())
+        self.sampling_defaults: dict = {}  # request defaults from generation_config (generation_defaults.py)
+        self.chat_template_kwargs: dict = {}  # template variables from config; a request's own win
+        self.renderer: TemplateRenderer | None = None  # where its chat templates run (the worker's pool)
         self._engine = engine
 
     # -- generation models ------------------------------------------------------------------------
@@ -61,9 +69,12 @@ class ServedModel:
         await self._engine.compile_grammar(spec)
 
     def generate(self, ids: list[int], params: SamplingParams, prompt: str | None = None,
-                 mm=None) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of one request; leaving the iteration early aborts it."""
-        return self._engine.generate(prompt=prompt, prompt_token_ids=ids, params=params, mm=mm)
+                 mm=None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Engine outputs of one request; leaving the iteration early aborts it. ``cache_salt``
+        (vLLM's): the request reuses cached KV only of requests that gave the same salt."""
+        salt = hashlib.sha256(cache_salt.encode()).digest() if cache_salt else b""
+        return self._engine.generate(prompt=prompt, prompt_token_ids=ids, params=params, mm=mm,
+                                     prefix_salt=salt)
 
     # -- embedding models -------------------------------------------------------------------------
     @property
@@ -98,6 +109,10 @@ class VLLMManager:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.models: dict[str, ServedModel] = {}
+        self.by_name: dict[str, ServedModel] = {}  # every served name, aliases included
+        # chat templates render in these processes; the app's lifespan starts and stops them
+        self.renderer = TemplateRenderer(config.chat_template_processes, config.chat_template_max_processes,
+                                         config.chat_template_timeout, config.trust_request_chat_template)
 
     def load_all(self) -> None:
         cfg = self.config
@@ -134,20 +149,28 @@ class VLLMManager:
             images = ImagePreprocessor(m.source, runner.hf_config) if runner.is_vl else None
             self.models[name] = ServedModel(name, m.source, AsyncEngine(eng), eng.tokenizer, eng.max_model_len,
                                             eng.vocab_size, template, images, cap, cfg.tool_parser(m),
-                                            cfg.auto_tool_choice(m))
+                                            cfg.auto_tool_choice(m), cfg.reasoning_parser_of(m))
+            self.models[name].sampling_defaults = sampling_defaults(m.source, cfg.generation_config_of(m))
+            self.models[name].chat_template_kwargs = dict(m.chat_template_kwargs)
+            self.models[name].renderer = self.renderer
             log.info("model %s: KV cache %.1f MiB = %d blocks = %d tokens, max_model_len %d",
                      name, eng.num_kv_blocks * runner.bytes_per_block / 2**20, eng.num_kv_blocks, cap,
                      eng.max_model_len)
         for name, (m, pe) in poolers.items():
             self.models[name] = ServedModel(name, m.source, AsyncPoolingEngine(pe), pe.tokenizer, pe.max_model_len,
                                             pe.hf_config.vocab_size)
+            self.models[name].renderer = self.renderer  # /tokenize with messages answers from the renderer
             log.info("model %s: embedding model (%s pooling%s), max_model_len %d", name, pe.pooling,
                      ", normalized" if pe.normalize else "", pe.max_model_len)
         self.models = {m.name: self.models[m.name] for m in cfg.models}  # the configured order
+        for m in cfg.models:
+            served = self.models[m.name]
+            served.names = cfg.served_names(m)
+            self.by_name.update(dict.fromkeys(served.names, served))
 
     def get(self, name: str) -> ServedModel:
         try:
-            return self.models[name]
+            return self.by_name[name]
         except KeyError:
             raise UnknownModel(name) from None
 
