@@ -23,8 +23,8 @@ class RouterSettings(ServerOptions):
     host: str = "0.0.0.0"
     port: int = Field(8001, ge=0, le=65535)
     redis_url: str | None = None
-    worker_token: str | None = None
-    api_keys: list[str] = Field(default_factory=list)
+    worker_token: str | None = Field(None, repr=False)  # secrets: never in a repr or log
+    api_keys: list[str] = Field(default_factory=list, repr=False)
     policy: Policy = "least_load"
     heartbeat_ttl: float = Field(15.0, gt=0)
     requests_per_minute: int = Field(0, ge=0)  # per client key; 0 = unlimited

@@ -83,7 +83,7 @@ class WorkerConfig(_Settings, ServerOptions):
     port: int = Field(8100, ge=0, le=65535)
     manager_url: str | None = None
     public_url: str | None = None
-    worker_token: str | None = None
+    worker_token: str | None = Field(None, repr=False)  # a secret: never in a repr or log
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Dtype = "auto"
     heartbeat_interval: float = Field(5.0, gt=0)
