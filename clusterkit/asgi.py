@@ -3,8 +3,9 @@ gives every other route the same errors, body limit and key checks.
 
 Generation requests and proxied requests skip FastAPI: its routing, dependency resolution,
 ``Request`` objects, response classes and ``jsonable_encoder`` cost more CPU per small request than
-the work itself. These helpers are what such a route needs instead: a bounded body, JSON and
-OpenAI-shaped error responses, and noticing that the client left.
+the work itself. These helpers are what such a route needs instead: a bounded body (in size and in
+time: a client trickling its body is answered 408 and disconnected), JSON and OpenAI-shaped error
+responses, and noticing that the client left.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import json
 import logging
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
+
 from .errors import APIError, ErrorTable, error_body, too_large, validation_error
+
+CLOSE = (b"connection", b"close")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 log = logging.getLogger(__name__)
@@ -28,11 +33,29 @@ def declared_too_long(scope, limit: int) -> bool:
     return False
 
 
-async def read_body(scope, receive, limit: int) -> bytes:
-    """The whole request body; 413 past ``limit`` bytes (by header, or by counting chunks).
-    Raises ``ConnectionAbortedError`` if the client leaves while sending it."""
+def body_timed_out(timeout: float) -> APIError:
+    """The 408 for a body that did not arrive in time; the connection is closed after it (the
+    rest of a trickled body is not waited for)."""
+    return APIError(408, f"request body not received within {timeout:g} s", None, "request_timeout", [CLOSE])
+
+
+async def read_body(scope, receive, limit: int, timeout: float | None = None) -> bytes:
+    """The whole request body; 413 past ``limit`` bytes (by header, or by counting chunks), 408
+    when it has not all arrived ``timeout`` seconds after the head (slow clients: one timer for
+    the whole body, so trickling bytes does not extend it). Raises ``ConnectionAbortedError`` if
+    the client leaves while sending it."""
     if declared_too_long(scope, limit):
         raise too_large(limit)
+    if timeout is None:
+        return await _read_body(receive, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise body_timed_out(timeout) from None
+
+
+async def _read_body(receive, limit: int) -> bytes:
     parts, seen = [], 0
     while True:
         msg = await receive()
@@ -48,8 +71,14 @@ async def read_body(scope, receive, limit: int) -> bytes:
 
 
 def dumps(obj) -> bytes:
-    """Compact JSON as OpenAI sends it (NaN/inf are errors, not invalid JSON on the wire)."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """Compact JSON as OpenAI sends it (NaN/inf are errors, not invalid JSON on the wire). A lone
+    surrogate (JSON may carry ``"\\ud800"``, e.g. in a model name echoed by an error) has no UTF-8
+    form: such text goes out escaped, which is still valid JSON."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def send_json(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
@@ -117,42 +146,57 @@ class DisconnectWatch:
             self.task = None
 
 
-class _TooLarge(Exception):
-    pass
+class BodyRefused(HTTPException):
+    """A body :class:`BodyLimit` refused (413, 408) while a FastAPI route read it. An HTTPException,
+    so FastAPI passes it on as it is rather than turning it into its own 400."""
+
+    def __init__(self, err: APIError):
+        super().__init__(err.status, err.message)
+        self.err = err
 
 
 class BodyLimit:
-    """ASGI middleware for the FastAPI routes: the same 413 as :func:`read_body`."""
+    """ASGI middleware for the FastAPI routes: the same 413 and 408 as :func:`read_body`."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float | None = None):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        err = too_large(self.limit)
         if declared_too_long(scope, self.limit):
+            err = too_large(self.limit)
             return await send_error(send, err.status, err.message, err.param, err.code)
-        seen = 0
+        seen, done = 0, False
+        deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
 
         async def limited():
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, done
+            if done or deadline is None:  # after the body: e.g. a wait for the disconnect
+                msg = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        msg = await receive()
+                except TimeoutError:
+                    raise BodyRefused(body_timed_out(self.timeout)) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    raise BodyRefused(too_large(self.limit))
+                done = not msg.get("more_body", False)
             return msg
 
         try:
             await self.app(scope, limited, send)
-        except _TooLarge:
-            await send_error(send, err.status, err.message, err.param, err.code)
+        except BodyRefused as e:
+            err = e.err
+            await send_error(send, err.status, err.message, err.param, err.code, err.headers)
 
 
-def install_error_handlers(app, table: ErrorTable, body_limit: int) -> None:
+def install_error_handlers(app, table: ErrorTable, body_limit: int, body_timeout: float | None = None) -> None:
     """Every error a FastAPI app can raise comes out in OpenAI's shape through ``table``, and
-    bodies over ``body_limit`` get the hot path's 413."""
+    bodies over ``body_limit`` bytes or ``body_timeout`` seconds get the hot path's 413 or 408."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -172,7 +216,13 @@ def install_error_handlers(app, table: ErrorTable, body_limit: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):
-        return respond(APIError(e.status_code, str(e.detail)))
+        # e.headers carry e.g. a 405's Allow
+        headers = [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
+        return respond(APIError(e.status_code, str(e.detail), None, None, headers))
+
+    @app.exception_handler(BodyRefused)
+    async def _refused(_: Request, e: BodyRefused):
+        return respond(e.err)
 
     async def _known(_: Request, e: Exception):
         return respond(table.to_api_error(e))
@@ -190,4 +240,4 @@ def install_error_handlers(app, table: ErrorTable, body_limit: int) -> None:
             err = APIError(500, f"internal error: {type(e).__name__}: {e}")
         return respond(err)
 
-    app.add_middleware(BodyLimit, limit=body_limit)
+    app.add_middleware(BodyLimit, limit=body_limit, timeout=body_timeout)

@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
+from .config import ByteSize
+
 REQUEST_ID = "llmc.request_id"
 """Scope key under which :class:`RequestIdHeaders` leaves the request's id for inner layers."""
 
@@ -67,6 +69,10 @@ class ServerOptions(BaseModel):
     enable_request_id_headers: bool = False
     enable_log_requests: bool = False
     max_log_len: int = Field(0, ge=0)  # prompt characters in request log lines (0: none)
+    # Slow and oversized requests (slowloris): clusterkit.server_limits and clusterkit.asgi.
+    header_timeout: float = Field(30.0, gt=0)  # seconds to send a request head; then 408, closed
+    body_timeout: float = Field(60.0, gt=0)  # seconds to send a whole body after its head; then 408
+    max_header_bytes: ByteSize = Field(64 * 2**10, gt=0)  # a larger request head: 431, closed
 
     @field_validator("allowed_origins")
     @classmethod

@@ -61,8 +61,8 @@ class StructuredOutputsParams:
 class SamplingParams:
     """Sampling settings of one request, mirroring ``vllm.SamplingParams``.
 
-    ``temperature == 0`` means greedy. ``logprobs`` is the number of top logprobs returned per
-    generated token (0 returns only the sampled token's logprob; None returns nothing);
+    ``temperature == 0`` (or below 1e-5, as vLLM) means greedy. ``logprobs`` is the number of top
+    logprobs returned per generated token (0 returns only the sampled token's logprob; None returns nothing);
     ``prompt_logprobs`` the same for every prompt token (the first has none).
 
     Logit controls, applied to the logits that are sampled from (greedy included), never to the
@@ -101,6 +101,7 @@ class SamplingParams:
     extra: dict = field(default_factory=dict)
 
     MAX_LOGPROBS = 20
+    GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
     MAX_LOGIT_BIAS = 100.0
 
     def __post_init__(self) -> None:
@@ -174,7 +175,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: a temperature this small is greedy (dividing logits by it would overflow them
+        # to infinities and sample from NaN probabilities).
+        return self.temperature < self.GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from clusterkit.asgi import install_error_handlers
 from clusterkit.auth import require_bearer
@@ -21,6 +21,7 @@ from clusterkit.registry import Registry
 from .front import ProxyRoutes
 from .inflight import InFlight
 from .metrics import RouterMetrics
+from .openapi import publish_openapi
 from .policies import Picker, PrefixIndex
 from .proxy import Proxy
 from .ratelimit import RateLimiter
@@ -85,7 +86,8 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
     app.state.view, app.state.settings = view, settings
     started = int(time.time())
     app.state.metrics, app.state.proxy, app.state.limiter = metrics, proxy, limiter
-    install_error_handlers(app, ErrorTable(), settings.max_body_bytes)
+    install_error_handlers(app, ErrorTable(), settings.max_body_bytes, settings.body_timeout)
+    publish_openapi(app)  # the proxied routes (router/front.py) in /openapi.json too
 
     def require_reader(request: Request) -> None:
         allowed = list(settings.api_keys) + ([settings.worker_token] if settings.worker_token else [])
@@ -105,7 +107,7 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
     async def version():
         return {"version": package_version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prom():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

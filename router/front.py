@@ -31,8 +31,17 @@ from .state import RegistryView
 log = logging.getLogger("router")
 request_log = logging.getLogger("router.requests")
 
+ALLOW_POST = (b"allow", b"POST")
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
           "/tokenize": "tokenize", "/detokenize": "detokenize"}
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def prompt_text_of(body: dict) -> str:
@@ -73,34 +82,45 @@ class ProxyRoutes:
         trace = None
         if self.log_requests:
             rid, trace, start = rid or new_request_id(), RouteTrace(), time.perf_counter()
-        model = "-"
+        # Metrics are labelled by model names the registry knows only: names clients make up would
+        # each add series without bound.
+        model = label = "-"
         try:
             if scope["method"] != "POST":
-                raise APIError(405, f"method {scope['method']} not allowed; use POST", None, "method_not_allowed")
+                raise APIError(405, f"method {scope['method']} not allowed; use POST", None, "method_not_allowed",
+                               [ALLOW_POST])
             client = self._client_of(scope)
-            raw = await read_body(scope, receive, self.settings.max_body_bytes)
+            raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout)
             body = self._parse(raw)
             model = body["model"]
             if self.limiter.enabled:
                 wait = await self.limiter.check(client, token_estimate(body, len(raw)))
                 if wait is not None:
+                    label = model if self._known(model) else "-"
                     raise APIError(429, "rate limit exceeded for this API key", None, "rate_limit_exceeded",
                                    [(b"retry-after", str(max(1, int(wait + 0.999))).encode())])
             if not self.view.live(model):
-                if not any(w.serves(model) for w in self.view.workers.values()):
+                if not self._known(model):
                     raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+                label = model
                 raise APIError(503, f"no live worker serves model {model!r}", "model")
+            label = model
             text = prompt_text_of(body) if self.settings.policy == "prefix_affinity" else ""
             status = await self.proxy.forward(receive, send, path, raw, model, text, endpoint, rid, trace)
         except ConnectionAbortedError:
             status = "499"
         except Exception as e:  # APIError (refused before routing, read_body's 413), or a bug
             status = str(await send_exception(send, e, self.errors, scope["path"]))
-        self.metrics.requests.labels(model, endpoint, status).inc()
+        self.metrics.requests.labels(label, endpoint, status).inc()
         if trace is not None:
             request_log.info("request %s", request_line({
                 "id": rid, "model": model, "endpoint": path, "worker": trace.worker, "status": status,
                 "latency_ms": round((time.perf_counter() - start) * 1000, 1), "attempts": trace.attempts}))
+
+    def _known(self, model: str) -> bool:
+        """Whether any registered worker served ``model`` since start-up (live or not, or gone:
+        a model whose workers all left is a 503, not a 404)."""
+        return self.view.knows(model)
 
     def _client_of(self, scope) -> str:
         """The client's key (rate limits are per key), or its address when keys are off."""
@@ -115,6 +135,11 @@ class ProxyRoutes:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from e
+        except RecursionError:  # e.g. 100k nested arrays: the decoder's depth, not ours to raise
+            raise APIError(400, "request body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise APIError(400, "model: field required (a string)", "model")
+        if not body["model"].isascii() and not _utf8(body["model"]):
+            # a lone surrogate ("\ud800") parses but is no text: it cannot name a model, or a metric
+            raise APIError(400, "model: not valid Unicode text", "model")
         return body

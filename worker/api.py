@@ -8,7 +8,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from clusterkit.asgi import install_error_handlers
 from clusterkit.auth import require_bearer
@@ -21,6 +21,7 @@ from .errors import ERRORS
 from .front import InferenceRoutes, RequestLog
 from .media import MediaPolicy
 from .metrics import WorkerMetrics
+from .openapi import publish_openapi
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .vllm_manager import VLLMManager
 
@@ -34,7 +35,8 @@ def entrypoint(app: FastAPI):
     s, cfg = app.state, app.state.config
     routes = InferenceRoutes(app, manager=s.manager, metrics=s.metrics, media=s.media, tokens=s.tokens,
                              max_body_bytes=cfg.max_body_bytes, root_path=cfg.root_path,
-                             request_log=RequestLog(cfg.max_log_len) if cfg.enable_log_requests else None)
+                             request_log=RequestLog(cfg.max_log_len) if cfg.enable_log_requests else None,
+                             body_timeout=cfg.body_timeout)
     return with_server_options(routes, cfg)
 
 
@@ -69,7 +71,8 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
     app = FastAPI(title="llm-cluster worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.manager, app.state.metrics, app.state.media, app.state.config = manager, metrics, media, config
     app.state.tokens = tokens
-    install_error_handlers(app, ERRORS, config.max_body_bytes)
+    install_error_handlers(app, ERRORS, config.max_body_bytes, config.body_timeout)
+    publish_openapi(app)  # the inference routes (worker/front.py) in /openapi.json too
 
     async def check(request: Request) -> None:
         require_bearer(request.scope["headers"], tokens, "missing or invalid bearer token")
@@ -88,7 +91,7 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
     async def version():
         return {"version": package_version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prom():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

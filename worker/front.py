@@ -104,9 +104,9 @@ class InferenceRoutes:
 
     def __init__(self, app, *, manager: VLLMManager, metrics: WorkerMetrics, media: MediaPolicy,
                  tokens: list[str], max_body_bytes: int, root_path: str = "",
-                 request_log: RequestLog | None = None):
+                 request_log: RequestLog | None = None, body_timeout: float | None = None):
         self.app, self.manager, self.metrics, self.media = app, manager, metrics, media
-        self.tokens, self.max_body_bytes = tokens, max_body_bytes
+        self.tokens, self.max_body_bytes, self.body_timeout = tokens, max_body_bytes, body_timeout
         # RootPath (clusterkit.http_options) leaves the prefix in scope["path"]: match it whole.
         self.routes = {root_path + p: (*r, p) for p, r in ROUTES.items()}
         self.request_log = request_log
@@ -129,9 +129,10 @@ class InferenceRoutes:
         """Answer one request; returns its status (499: the client left)."""
         try:
             if scope["method"] != "POST":
-                raise APIError(405, f"method {scope['method']} not allowed; use POST", None, "method_not_allowed")
+                raise APIError(405, f"method {scope['method']} not allowed; use POST", None, "method_not_allowed",
+                               [(b"allow", b"POST")])
             require_bearer(scope["headers"], self.tokens, "missing or invalid bearer token")
-            raw = await read_body(scope, receive, self.max_body_bytes)
+            raw = await read_body(scope, receive, self.max_body_bytes, self.body_timeout)
             req = route[0].model_validate_json(raw)
             if rec is not None:
                 rec.model = req.model

@@ -6,13 +6,44 @@ answered 400 by :mod:`worker.field_policy` rather than dropped."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.sampling_params import SamplingParams
+
+# Caps on what one request may ask for (hostile-input bounds; published in /openapi.json).
+MAX_N = 128  # choices per prompt (OpenAI's own cap): every choice is a running sequence
+MAX_STOP_STRINGS = 64  # every stop string is searched after every token of every choice
+MAX_STOP_CHARS = 512  # per stop string: the longest one is held back from streams
+# Values that reach torch as 64-bit integers (seeds, top_k): larger ones cannot be represented.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def _range(**bounds) -> dict:
+    """The engine's range of a field (``engine.SamplingParams`` checks it, naming the field) in
+    the published schema: ``Field(None, **_range(minimum=0))``."""
+    return {"json_schema_extra": bounds}
+
+
+_LOGPROBS = _range(minimum=0, maximum=SamplingParams.MAX_LOGPROBS)
+
+
+def _bounded_stop_schema(schema: dict) -> None:
+    """The stop caps in the published schema (the validator below enforces them)."""
+    for alt in schema.get("anyOf", ()):
+        if alt.get("type") == "string":
+            alt["maxLength"] = MAX_STOP_CHARS
+        elif alt.get("type") == "array":
+            alt["maxItems"] = MAX_STOP_STRINGS
+            alt["items"]["maxLength"] = MAX_STOP_CHARS
+
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Types as OpenAI checks them (strict: no "5" or 5.0 for an integer, no 1 or "true" for a
+    # boolean, no true for a token id; an integer is a number), and NaN or infinities (which
+    # Python's JSON accepts) are no parameter's value.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Req):
@@ -35,19 +66,19 @@ class SamplingFields(_Req):
     """Fields shared by chat and completions requests."""
 
     model: str
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    max_tokens: int | None = Field(None, **_range(minimum=0))
+    max_completion_tokens: int | None = Field(None, **_range(minimum=0))
+    temperature: float | None = Field(None, **_range(minimum=0))
+    top_p: float | None = Field(None, **_range(exclusiveMinimum=0, maximum=1))
+    top_k: Int64 | None = Field(None, **_range(minimum=-1))
+    min_p: float | None = Field(None, **_range(minimum=0, maximum=1))
+    n: int = Field(1, le=MAX_N, **_range(minimum=1))
+    stop: str | list[str] | None = Field(None, json_schema_extra=_bounded_stop_schema)
+    stop_token_ids: list[int] | None = Field(None, **_range(items={"type": "integer", "minimum": 0}))
+    seed: Int64 | None = None
+    presence_penalty: float | None = Field(None, **_range(minimum=-2, maximum=2))
+    frequency_penalty: float | None = Field(None, **_range(minimum=-2, maximum=2))
+    repetition_penalty: float | None = Field(None, **_range(exclusiveMinimum=0))
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -64,14 +95,26 @@ class SamplingFields(_Req):
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
     # vLLM's sampling extras and evaluation fields
-    min_tokens: int = 0
+    min_tokens: int = Field(0, **_range(minimum=0))
     logit_bias: dict[str, float] | None = None
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, **_LOGPROBS)
     return_tokens_as_token_ids: bool = False
     cache_salt: str | None = Field(None, min_length=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, v):
+        """Stop strings cost detokenizer work per token, so their number and length are capped."""
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings may be at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return v
 
 
 class ChatMessage(BaseModel):
@@ -121,7 +164,7 @@ class NamedToolChoice(_Req):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, **_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message is left open to continue
     add_special_tokens: bool = False  # the template writes BOS & co.; true also adds the tokenizer's
@@ -138,7 +181,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str | list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, **_LOGPROBS)
     echo: bool = False
     add_special_tokens: bool = True  # vLLM's: e.g. BOS before a text prompt
 
