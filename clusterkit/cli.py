@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 from .config import ConfigError
 
@@ -17,6 +18,19 @@ def fail(prog: str, reason: str) -> int:
     """Print ``prog: error: reason`` on stderr and return the exit status 1."""
     print(f"{prog}: error: {reason}", file=sys.stderr, flush=True)
     return 1
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (Redis URLs may carry one), for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def setup_logging(level: str) -> None:
@@ -37,8 +51,10 @@ def check_port(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from e
 
 
-def serve(app, host: str, port: int, keep_alive: float = 5.0) -> bool:
+def serve(app, host: str, port: int, keep_alive: float = 5.0, limits=None) -> bool:
     """Serve ``app`` until SIGINT/SIGTERM (a clean exit, status 0); False if it never started.
+    ``limits`` (a :class:`~clusterkit.http_options.ServerOptions`): the request-head limits
+    (``max_header_bytes``, ``header_timeout``) of :mod:`clusterkit.server_limits`; None: its defaults.
 
     Everything loaded before this call (modules, weights, tokenizers) lives as long as the
     process, so it is frozen out of the cyclic GC first: unfrozen, full collections under load
@@ -57,9 +73,14 @@ def serve(app, host: str, port: int, keep_alive: float = 5.0) -> bool:
                 for s, h in old.items():
                     signal.signal(s, h)
 
+    from .server_limits import GuardedHttpToolsProtocol, guarded_protocol
+
+    http = GuardedHttpToolsProtocol if limits is None else guarded_protocol(limits.max_header_bytes,
+                                                                            limits.header_timeout)
     gc.collect()
     gc.freeze()
     server = CleanExitServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                            timeout_graceful_shutdown=10, timeout_keep_alive=keep_alive))
+                                            timeout_graceful_shutdown=10, timeout_keep_alive=keep_alive,
+                                            http=http))
     server.run()
     return server.started

@@ -4,11 +4,13 @@ control-plane process reads and the manager writes).
 Keys (prefix ``llmc:``):
   worker:{id}      hash: id, url, models (JSON list of {name, kind, max_model_len, alias_of}: one
                    entry per served name), status
-                   (ready|draining), last_heartbeat, registered_at, load (JSON); EXPIREs after the
-                   heartbeat TTL, so a silent worker vanishes even with no sweeper running
+                   (ready|draining), last_heartbeat, registered_at, load (JSON); it never
+                   expires by itself: the manager's sweeper evicts silent workers, so while the
+                   manager is down (nobody can heartbeat) the last known workers stay routable
   model:{name}     set of worker ids serving the model
   heartbeats       sorted set id -> last heartbeat time (the sweeper evicts the stale end)
-  events           pub/sub channel: every change publishes the worker id, routers resync
+  events           pub/sub channel: every change publishes the worker id (RESYNC: all of them),
+                   routers resync
 
 Heartbeats, status changes and evictions run as Lua scripts: each is one atomic step, so a
 heartbeat racing an eviction either refreshes a whole record or finds none (never a stub
@@ -31,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PREFIX = "llmc:"
 EVENTS = PREFIX + "events"
+RESYNC = "*"  # published on EVENTS instead of a worker id: every router reads the whole registry again
 HEARTBEATS = PREFIX + "heartbeats"
 
 
@@ -122,14 +125,30 @@ class WorkerInfo:
                    registered_at=float(h.get("registered_at", 0)), load=json.loads(h.get("load", "{}")))
 
 
-# KEYS: worker hash, heartbeats zset; ARGV: id, now, load JSON, ttl ms, events channel
+# KEYS: worker hash, heartbeats zset; ARGV: id, now, load JSON, events channel
 _HEARTBEAT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'last_heartbeat', ARGV[2], 'load', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('PUBLISH', ARGV[5], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
+"""
+
+# KEYS: heartbeats zset; ARGV: now, events channel, RESYNC, worker key prefix, then the ids.
+# Heartbeats that keep the load, all in one step and announced as one RESYNC, so routers see
+# them all at once (one by one, the first renewed would leave the rest a TTL behind it).
+_RENEW = """
+local renewed = {}
+for i = 5, #ARGV do
+  local key = ARGV[4] .. ARGV[i]
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'last_heartbeat', ARGV[1])
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+    renewed[#renewed + 1] = ARGV[i]
+  end
+end
+if #renewed > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return renewed
 """
 
 # KEYS: worker hash; ARGV: id, status, events channel
@@ -167,6 +186,7 @@ class Registry:
         self.r = client
         self.ttl = ttl
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._renew = client.register_script(_RENEW)
         self._set_status = client.register_script(_SET_STATUS)
         self._remove = client.register_script(_REMOVE)
 
@@ -185,7 +205,6 @@ class Registry:
         pipe.hset(worker_key(wid), mapping={"id": wid, "url": body.url, "models": json.dumps(models),
                                             "status": "ready", "last_heartbeat": now,
                                             "registered_at": now, "load": json.dumps(body.load)})
-        pipe.pexpire(worker_key(wid), int(self.ttl * 1000))
         for name in info.model_names:
             pipe.sadd(model_key(name), wid)
         pipe.zadd(HEARTBEATS, {wid: now})
@@ -197,8 +216,20 @@ class Registry:
         """Refresh a worker's liveness and load; False (and nothing written) if the registry
         does not know it."""
         ok = await self._heartbeat(keys=[worker_key(wid), HEARTBEATS],
-                                   args=[wid, time.time(), json.dumps(load or {}), int(self.ttl * 1000), EVENTS])
+                                   args=[wid, time.time(), json.dumps(load or {}), EVENTS])
         return bool(ok)
+
+    async def renew(self) -> list[str]:
+        """The manager's grace after its own start: workers could not heartbeat while it was down,
+        so every worker that was live when heartbeats stopped (within a TTL of the newest one) is
+        stamped as heard from now and gets one TTL to heartbeat before the sweeper may evict it.
+        Returns the renewed ids."""
+        scored = await self.r.zrange(HEARTBEATS, 0, -1, withscores=True)
+        if not scored:
+            return []
+        newest = max(score for _, score in scored)
+        ids = [wid for wid, score in scored if score >= newest - self.ttl]
+        return list(await self._renew(keys=[HEARTBEATS], args=[time.time(), EVENTS, RESYNC, worker_key(""), *ids]))
 
     async def set_status(self, wid: str, status: str) -> bool:
         return bool(await self._set_status(keys=[worker_key(wid)], args=[wid, status, EVENTS]))
@@ -230,7 +261,7 @@ class Registry:
         return sorted(out, key=lambda w: w.registered_at)
 
     async def sweep(self) -> list[str]:
-        """Evict workers whose heartbeat is older than the TTL (or whose hash expired); each
+        """Evict workers whose heartbeat is older than the TTL (or whose hash is gone); each
         eviction re-checks the heartbeat atomically, so one that just landed wins."""
         cutoff = time.time() - self.ttl
         candidates = set(await self.r.zrangebyscore(HEARTBEATS, "-inf", cutoff))
@@ -241,7 +272,7 @@ class Registry:
         for wid in candidates:
             if await self.remove(wid, stale_before=cutoff) or not await self.r.exists(worker_key(wid)):
                 gone.append(wid)
-        # Model indexes may still name workers whose hash expired between sweeps.
+        # Model indexes may still name workers whose hash is gone.
         async for key in self.r.scan_iter(match=model_key("*")):
             for wid in await self.r.smembers(key):
                 if not await self.r.exists(worker_key(wid)):

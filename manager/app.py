@@ -37,6 +37,15 @@ def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
             log.info("evicted worker %s (no heartbeat for %.0fs)", wid, settings.heartbeat_ttl)
 
     async def schedule_sweep(scheduler: AsyncIOScheduler):
+        # Nobody could heartbeat while we were down: one TTL from now before the sweeper may
+        # evict the workers that were live then (else a restart longer than the TTL empties
+        # the registry and every router answers 503 with every worker up).
+        try:
+            renewed = await registry.renew()
+            if renewed:
+                log.info("renewed %d workers of the registry for one TTL", len(renewed))
+        except Exception as e:
+            log.warning("could not renew the registry's workers: %s", type(e).__name__)
         scheduler.add_job(sweep, "interval", seconds=sweep_interval or max(0.5, settings.heartbeat_ttl / 5),
                           max_instances=1, coalesce=True, misfire_grace_time=None, id="sweep")
 

@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if embedded:
             embedded.stop()
-        return cli.fail("manager", f"redis at {s.redis_url} unreachable ({type(e).__name__}: {e})")
+        return cli.fail("manager", f"redis at {cli.redact_url(s.redis_url)} unreachable ({type(e).__name__}: {e})")
     if not s.worker_token:
         log.warning("no worker token: anyone who can reach this port can register workers")
     try:
-        started = cli.serve(entrypoint(create_manager_app(s, redis_client(s.redis_url))), s.host, s.port)
+        started = cli.serve(entrypoint(create_manager_app(s, redis_client(s.redis_url))), s.host, s.port,
+                            limits=s)
     finally:
         if embedded:
             embedded.stop()

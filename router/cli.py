@@ -65,6 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(check_redis(s.redis_url))
     except Exception as e:
-        return cli.fail("router", f"redis at {s.redis_url} unreachable ({type(e).__name__})")
+        return cli.fail("router", f"redis at {cli.redact_url(s.redis_url)} unreachable ({type(e).__name__})")
     app = create_router_app(s, redis_client(s.redis_url))
-    return 0 if cli.serve(entrypoint(app), s.host, s.port) else cli.fail("router", "server did not start")
+    return 0 if cli.serve(entrypoint(app), s.host, s.port, limits=s) else cli.fail("router", "server did not start")

@@ -139,7 +139,8 @@ class Proxy:
                 settled = True
                 kind = e.kind if e.kind in ("connect", "timeout") else ("read" if ex.status else "no-response")
                 last_error = f"worker {w.id} failed ({kind}: {e})"
-                status_for_none = 504 if kind == "timeout" else 502
+                # A refused connection reached nothing (the worker is gone): 503, retry later.
+                status_for_none = {"timeout": 504, "connect": 503}.get(kind, 502)
                 m.retries.labels(model, kind).inc()
             finally:
                 if not settled:

@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
                               manager.load_report,
                               cfg.heartbeat_interval, cfg.worker_token)
     app = create_app(manager, cfg, registrar)
-    if not cli.serve(entrypoint(app), cfg.host, cfg.port):
+    if not cli.serve(entrypoint(app), cfg.host, cfg.port, limits=cfg):
         return cli.fail("worker", f"server on {cfg.host}:{cfg.port} did not start")
     return 0

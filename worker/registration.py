@@ -36,8 +36,8 @@ class Registrar:
     A heartbeat that fails is retried at once on a fresh connection (a busy manager may close an
     idle keep-alive connection just as we reuse it), and later ones keep the normal cadence while
     the manager's TTL has not run out, so one slow answer never costs the worker its place. Only
-    a manager that stays unreachable past the TTL gets exponential backoff (the worker keeps
-    serving meanwhile).
+    a manager that stays unreachable past the TTL gets exponential backoff, up to half the TTL
+    (the worker keeps serving meanwhile).
     """
 
     def __init__(self, manager_url: str, public_url: str, models: list[dict],
@@ -141,7 +141,9 @@ class Registrar:
                 log.warning("heartbeat to %s failed (%s%s); retrying in %.0fs", self.manager_url,
                             type(e).__name__, f" {status}" if status else "", self.interval)
                 return
-            delay = min(MAX_BACKOFF_S, self.interval * 2 ** (self.failures - 1))
+            # Never longer than half the TTL: a manager back from an outage gives the workers it
+            # knew one TTL to heartbeat before it evicts them (clusterkit.registry.Registry.renew).
+            delay = min(MAX_BACKOFF_S, self.ttl / 2, self.interval * 2 ** (self.failures - 1))
             self._next_try = now + delay
             log.warning("manager %s unreachable (%s%s); retrying in %.0fs, still serving",
                         self.manager_url, type(e).__name__, f" {status}" if status else "", delay)
