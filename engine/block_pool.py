@@ -4,6 +4,10 @@ Blocks that reach ref count 0 go to the free queue. A freed block that holds a p
 findable until it is handed out again; the queue pops from its front, so the least recently freed
 (least recently used) cached blocks are reused first. Freed blocks without a hash go to the front,
 since nothing can ever hit them.
+
+With events enabled (``enable_events``) the pool records every hash that leaves its hash map as
+a :class:`~engine.kv_events.BlockRemoved`; stores are recorded by the KV cache manager, which knows
+the tokens and the chain of each block.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from .kv_events import BlockRemoved, KVEvent
 
 
 def chain_hash(parent: bytes, token_ids: list[int] | tuple[int, ...]) -> bytes:
@@ -43,6 +49,8 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}
+        # KV events since the last take_events(); None = disabled, nothing is recorded.
+        self.events: list[KVEvent] | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -62,6 +70,10 @@ class BlockPool:
     def lookup(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 
+    def cached_hashes(self) -> set[bytes]:
+        """Every hash the prefix cache can hit now."""
+        return set(self._cached)
+
     def free_order(self) -> list[int]:
         """Block ids in the order they would be handed out (for tests and debugging)."""
         return list(self._free)
@@ -78,6 +90,8 @@ class BlockPool:
             if blk.block_hash is not None:
                 if self._cached.get(blk.block_hash) == bid:
                     del self._cached[blk.block_hash]
+                    if self.events is not None:
+                        self._record_removed(blk.block_hash)
                 blk.block_hash = None
             blk.ref_cnt = 1
             out.append(bid)
@@ -103,15 +117,39 @@ class BlockPool:
                 if blk.block_hash is None:
                     self._free.move_to_end(bid, last=False)
 
-    def set_hash(self, block_id: int, block_hash: bytes) -> None:
-        """Make a full, computed block findable by its prefix hash (first writer wins)."""
+    def set_hash(self, block_id: int, block_hash: bytes) -> bool:
+        """Make a full, computed block findable by its prefix hash (first writer wins).
+
+        True when the hash entered the hash map."""
         blk = self.blocks[block_id]
         if blk.block_hash is not None:
-            return
+            return False
         if block_hash in self._cached:
-            return
+            return False
         blk.block_hash = block_hash
         self._cached[block_hash] = block_id
+        return True
+
+    # -- events ----------------------------------------------------------------------------------
+    def enable_events(self) -> None:
+        """Start recording KV events (see engine/kv_events.py)."""
+        if self.events is None:
+            self.events = []
+
+    def take_events(self) -> list[KVEvent]:
+        """The events recorded since the last call, oldest first ([] when disabled)."""
+        if not self.events:
+            return []
+        out, self.events = self.events, []
+        return out
+
+    def _record_removed(self, block_hash: bytes) -> None:
+        # Consecutive evictions share one event; order against stores is kept.
+        last = self.events[-1] if self.events else None
+        if isinstance(last, BlockRemoved):
+            last.block_hashes.append(block_hash)
+        else:
+            self.events.append(BlockRemoved([block_hash]))
 
     def check_consistency(self) -> None:
         """Raise if the free queue, ref counts and hash map disagree."""

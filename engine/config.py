@@ -40,6 +40,8 @@ class EngineConfig:
     # "qwen3" or "deepseek_r1": a request's structured-output grammar then constrains only the
     # answer, after the model's <think>...</think> block (engine/reasoning.py).
     reasoning_parser: str | None = None
+    # Record prefix-cache changes (engine/kv_events.py) for LLMEngine.take_kv_events().
+    enable_kv_events: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .block_pool import BlockPool, chain_hash, root_hash
+from .kv_events import BlockStored, KVEvent
 from .sequence import Sequence
 
 
@@ -18,8 +19,10 @@ class KVCacheManager:
     """Maps sequences to KV blocks. Knows nothing about tensors: the runner owns those."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 hash_salt: str = ""):
+                 hash_salt: str = "", enable_events: bool = False):
         self.pool = BlockPool(num_blocks)
+        if enable_events:
+            self.pool.enable_events()
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._root = root_hash(hash_salt)
@@ -32,9 +35,17 @@ class KVCacheManager:
         n_full = upto_tokens // bs
         while len(seq.block_hashes) < n_full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else (
-                root_hash(self._root + seq.prefix_salt) if seq.prefix_salt else self._root)
+            parent = seq.block_hashes[-1] if seq.block_hashes else self._chain_root(seq)
             seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+
+    @property
+    def model_root(self) -> bytes:
+        """Seed of every unsalted hash chain of this engine (``root_hash(f"{model}|{dtype}")``)."""
+        return self._root
+
+    def _chain_root(self, seq: Sequence) -> bytes:
+        """Seed of ``seq``'s hash chain: the model root, salted by the request's prefix salt."""
+        return root_hash(self._root + seq.prefix_salt) if seq.prefix_salt else self._root
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of a new sequence.
@@ -109,8 +120,35 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         self._update_hashes(seq, seq.num_computed_tokens)
-        for i in range(from_token // self.block_size, seq.num_computed_tokens // self.block_size):
+        first, end = from_token // self.block_size, seq.num_computed_tokens // self.block_size
+        if self.pool.events is not None:
+            self._cache_blocks_recording(seq, first, end)
+            return
+        for i in range(first, end):
             self.pool.set_hash(seq.block_table[i], seq.block_hashes[i])
+
+    def _cache_blocks_recording(self, seq: Sequence, first: int, end: int) -> None:
+        """``cache_computed_blocks`` that records a BlockStored per run of newly findable blocks."""
+        bs, events = self.block_size, self.pool.events
+        run: BlockStored | None = None  # the event of the run that block i may extend
+        for i in range(first, end):
+            if not self.pool.set_hash(seq.block_table[i], seq.block_hashes[i]):
+                run = None
+                continue
+            tokens = seq.token_ids[i * bs:(i + 1) * bs]
+            if run is None or events[-1] is not run:
+                if i == 0:
+                    run = BlockStored([], None, [], bs, root=self._chain_root(seq),
+                                      salt=seq.prefix_salt)
+                else:
+                    run = BlockStored([], seq.block_hashes[i - 1], [], bs)
+                events.append(run)
+            run.block_hashes.append(seq.block_hashes[i])
+            run.token_ids.extend(tokens)
+
+    def take_events(self) -> list[KVEvent]:
+        """KV events recorded since the last call, oldest first ([] when disabled)."""
+        return self.pool.take_events()
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let ``child`` share all of ``parent``'s blocks (copy-on-write for the partial tail)."""

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
+from .kv_events import KVEventBatch
 from .logit_controls import build_controls, check_vocab
 from .model_runner import ModelRunner, PromptLogprobsChunk
 from .outputs import CompletionOutput, RequestOutput
@@ -60,7 +61,9 @@ class LLMEngine:
                 f"max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                 hash_salt=f"{config.model}|{self.runner.dtype}")
+                                 hash_salt=f"{config.model}|{self.runner.dtype}",
+                                 enable_events=config.enable_kv_events)
+        self._kv_event_seq = 0
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.reasoning = (ReasoningGate.for_tokenizer(config.reasoning_parser, self.tokenizer)
                           if config.reasoning_parser else None)
@@ -71,6 +74,16 @@ class LLMEngine:
         log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d (%d tokens) max_model_len=%d",
                  config.model, self.runner.device, self.runner.dtype, num_blocks,
                  num_blocks * config.block_size, self.max_model_len)
+
+    def take_kv_events(self) -> KVEventBatch | None:
+        """Prefix-cache events since the last call as one batch, None if nothing happened or
+        ``enable_kv_events`` is off. Call it on the engine's thread (between steps)."""
+        events = self.kv.take_events()
+        if not events:
+            return None
+        batch = KVEventBatch(self._kv_event_seq, events)
+        self._kv_event_seq += 1
+        return batch
 
     @property
     def num_kv_blocks(self) -> int:
