@@ -16,6 +16,21 @@ import pydoc
 import sys
 from pathlib import Path
 
+# The system turn listing the tools (both templates below): the system message's content first,
+# then the signatures inside <tools></tools> and how to call one.
+TOOLS_SYSTEM_TURN = (
+    "{%- set skip_first = tools and messages and messages[0]['role'] == 'system' -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if skip_first -%}{{- content(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call functions. Their signatures, inside <tools></tools>:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call one, answer with its name and arguments as a JSON object in '"
+    " + '<tool_call></tool_call> tags:'"
+    " + '\\n<tool_call>\\n{\"name\": <name>, \"arguments\": <arguments object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
+)
+
 # ChatML with tool use in the style of Qwen2.5's template (written here): tools are listed in the
 # system turn inside <tools></tools>, an assistant's calls are <tool_call> JSON objects, and
 # consecutive tool results go into one user turn as <tool_response> blocks.
@@ -27,16 +42,7 @@ CHAT_TEMPLATE = (
     "{%- elif part['type'] in ('image', 'image_url') -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{%- set skip_first = tools and messages and messages[0]['role'] == 'system' -%}"
-    "{%- if tools -%}"
-    "{{- '<|im_start|>system\\n' -}}"
-    "{%- if skip_first -%}{{- content(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}"
-    "{{- '# Tools\\n\\nYou may call functions. Their signatures, inside <tools></tools>:\\n<tools>' -}}"
-    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
-    "{{- '\\n</tools>\\n\\nTo call one, answer with its name and arguments as a JSON object in '"
-    " + '<tool_call></tool_call> tags:'"
-    " + '\\n<tool_call>\\n{\"name\": <name>, \"arguments\": <arguments object>}\\n</tool_call><|im_end|>\\n' -}}"
-    "{%- endif -%}"
+    + TOOLS_SYSTEM_TURN +
     "{%- for message in messages -%}"
     "{%- if loop.first and skip_first -%}"
     "{%- elif message['role'] == 'tool' -%}"
@@ -71,16 +77,7 @@ QWEN3_CHAT_TEMPLATE = (
     "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{%- set skip_first = tools and messages and messages[0]['role'] == 'system' -%}"
-    "{%- if tools -%}"
-    "{{- '<|im_start|>system\\n' -}}"
-    "{%- if skip_first -%}{{- content(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}"
-    "{{- '# Tools\\n\\nYou may call functions. Their signatures, inside <tools></tools>:\\n<tools>' -}}"
-    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
-    "{{- '\\n</tools>\\n\\nTo call one, answer with its name and arguments as a JSON object in '"
-    " + '<tool_call></tool_call> tags:'"
-    " + '\\n<tool_call>\\n{\"name\": <name>, \"arguments\": <arguments object>}\\n</tool_call><|im_end|>\\n' -}}"
-    "{%- endif -%}"
+    + TOOLS_SYSTEM_TURN +
     "{%- set ns = namespace(last_query=-1) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"

@@ -26,18 +26,9 @@ def logit_bias_of(req: SamplingFields) -> dict[int, float] | None:
 
 
 def truncate_prompt(req: SamplingFields, served: ServedModel, ids: list[int]) -> list[int]:
-    """vLLM's ``truncate_prompt_tokens``: keep the last k prompt tokens (-1: the context length)."""
-    k = req.truncate_prompt_tokens
-    if k is None:
-        return ids
-    if k == -1:
-        k = served.max_model_len
-    if k < 1:
-        raise InvalidParameter("truncate_prompt_tokens", f"truncate_prompt_tokens must be >= 1 or -1, got {k}")
-    if k > served.max_model_len:
-        raise InvalidParameter("truncate_prompt_tokens", f"truncate_prompt_tokens ({k}) exceeds this model's "
-                                                         f"context length ({served.max_model_len})")
-    return ids[-k:]
+    """vLLM's ``truncate_prompt_tokens``: the engine's rule (the last k tokens; -1: the context
+    length), applied here so usage, echo and prompt logprobs all see the prompt that runs."""
+    return served.truncate_prompt(ids, req.truncate_prompt_tokens)
 
 
 def sampling_params(req: SamplingFields, served: ServedModel, prompt_len: int,

@@ -63,6 +63,13 @@ class ServedModel:
         """``InvalidParameter`` for prompts that cannot run (context length, vocabulary)."""
         self._engine.engine.validate_prompt(ids, params)
 
+    def truncate_prompt(self, ids: list[int], k: int | None) -> list[int]:
+        """The prompt ``truncate_prompt_tokens=k`` leaves (the engine's rule; ``InvalidParameter``
+        naming the field for a bad k)."""
+        if k is None:
+            return ids
+        return self._engine.engine.truncate_prompt(ids, SamplingParams(max_tokens=None, truncate_prompt_tokens=k))
+
     async def compile_grammar(self, spec: StructuredOutputsParams) -> None:
         """Compile an output constraint off the event loop and the engine loop (then cached);
         ``InvalidParameter`` when it does not compile."""
