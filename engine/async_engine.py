@@ -7,9 +7,10 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
+from .kv_events import KVEventBatch
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import InvalidParameter, SamplingParams, StructuredOutputsParams
@@ -30,10 +31,19 @@ class AsyncEngine:
     yields a :class:`RequestOutput` every step the request makes progress. Leaving the
     ``async for`` early (client gone, task cancelled) aborts the request and frees its blocks.
     A failing step fails the requests in it and the loop carries on.
+
+    With ``enable_kv_events`` on, the loop takes the engine's KV event batches after every step
+    and inbox drain and hands each to ``kv_sink`` (on the engine thread: it must be quick and
+    never block); without a sink they are taken and dropped, so they never pile up.
+    :meth:`kv_snapshot` gives the whole prefix cache at a batch seq.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, kv_sink: Callable[[KVEventBatch], None] | None = None):
         self.engine = engine
+        # Read by the engine thread each time it takes events; set it with set_kv_sink.
+        self.kv_sink = kv_sink
+        self._kv_on = bool(engine.config.enable_kv_events)
+        self._kv_last_seq = -1  # seq of the last batch taken from the engine (-1: none yet)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -106,6 +116,21 @@ class AsyncEngine:
         self._send(("call", fut, fn, args, kwargs))
         return fut.result(timeout)
 
+    def set_kv_sink(self, sink: Callable[[KVEventBatch], None] | None) -> None:
+        """Hand every later KV event batch to ``sink`` (called on the engine thread); None: drop
+        them. Batches taken before were handed to the previous sink: :meth:`kv_snapshot` covers them."""
+        self.kv_sink = sink
+
+    async def kv_snapshot(self) -> tuple[int, list[bytes]]:
+        """Every hash the prefix cache can hit now, with the seq of the last KV event batch taken
+        (-1: none yet). Runs on the engine thread between steps, after pending events went to the
+        sink, so the sink has seen exactly the batches up to that seq when this returns."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine is not running: {self.dead}")
+        fut: Future = Future()
+        self._send(("call", fut, self._kv_snapshot_here, (), {}))
+        return await asyncio.wrap_future(fut)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; requests still running end with an EngineDeadError."""
         self._stop = True
@@ -113,6 +138,26 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     # -- loop ------------------------------------------------------------------------------------
+    def _kv_snapshot_here(self, engine: LLMEngine) -> tuple[int, list[bytes]]:
+        self._flush_kv()
+        return self._kv_last_seq, list(engine.kv.pool.cached_hashes())
+
+    def _flush_kv(self) -> None:
+        """Hand the engine's KV events since the last call to the sink (engine thread only)."""
+        if not self._kv_on:
+            return
+        batch = self.engine.take_kv_events()
+        if batch is None:
+            return
+        self._kv_last_seq = batch.seq
+        sink = self.kv_sink
+        if sink is None:
+            return
+        try:
+            sink(batch)
+        except Exception:  # a lost batch is a seq gap, which the consumer resyncs from
+            log.exception("KV event sink failed")
+
     def _send(self, msg) -> None:
         self._inbox.put(msg)
         self._wake.set()
@@ -161,6 +206,7 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._drain_inbox()
+                self._flush_kv()  # calls and aborts may change the cache too
                 if not self.engine.has_unfinished_requests():
                     self._stats = self.engine.stats()
                     self._wake.wait(0.5)
@@ -176,6 +222,7 @@ class AsyncEngine:
                         self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
                 for out in outs:
                     self._deliver(out.request_id, out.error if out.error is not None else out)
+                self._flush_kv()
                 self._stats = self.engine.stats()
         except BaseException as e:  # pragma: no cover - unrecoverable
             self.dead = e
@@ -190,3 +237,4 @@ class AsyncEngine:
             for rid in rids:
                 self.engine.abort(rid)
                 self._deliver(rid, err)
+            self._flush_kv()

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ValidationError
 
 from clusterkit.auth import require_bearer
 from clusterkit.errors import APIError, validation_error
-from clusterkit.registry import HeartbeatBody, RegisterBody, Registry
+from clusterkit.kv_wire import KVEventsBody, KVStore
+from clusterkit.registry import HeartbeatBody, RegisterBody, Registry, worker_key
 from router.app import create_router_app
 from router.settings import RouterSettings
 
@@ -26,6 +27,13 @@ def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
     """The router's app (serve it through ``router.app.entrypoint``) with the registry's write
     endpoints, a periodic sweep of silent workers and the dashboard."""
     registry = Registry(redis_client, settings.heartbeat_ttl)
+    kv_store = KVStore(redis_client, worker_key)  # workers' prefix caches (KV-aware routing)
+
+    async def drop_kv(wid: str) -> None:
+        try:
+            await kv_store.drop_worker(wid)
+        except Exception as e:  # the next sweep or deregistration does not retry: log it
+            log.warning("could not drop the KV index of worker %s: %s", wid, type(e).__name__)
 
     async def sweep():
         try:
@@ -35,6 +43,7 @@ def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
             return
         for wid in gone:
             log.info("evicted worker %s (no heartbeat for %.0fs)", wid, settings.heartbeat_ttl)
+            await drop_kv(wid)
 
     async def schedule_sweep(scheduler: AsyncIOScheduler):
         # Nobody could heartbeat while we were down: one TTL from now before the sweeper may
@@ -93,9 +102,24 @@ def create_manager_app(settings: RouterSettings, redis_client: aioredis.Redis,
         require_worker(request)
         if not await registry.remove(wid):
             raise APIError(404, f"unknown worker {wid!r}", "id", "unknown_worker")
+        await drop_kv(wid)
         await view.resync()
         log.info("worker %s deregistered", wid)
         return {"id": wid, "removed": True}
+
+    @app.post("/workers/{wid}/kv-events")
+    async def kv_events(wid: str, request: Request):
+        # One model's prefix-cache changes or snapshot (clusterkit/kv_wire.py); a snapshot of a
+        # big cache is a few MB of JSON, well under the body limit (max_body_bytes).
+        require_worker(request)
+        body = await body_of(request, KVEventsBody)
+        result = await kv_store.apply(wid, body)
+        if result == KVStore.RESYNC:
+            raise APIError(409, f"KV events of {body.model!r} do not follow on what the store holds "
+                           f"(epoch or seq); send a snapshot", "first_seq", "kv_resync")
+        if result == KVStore.UNKNOWN_WORKER:
+            raise APIError(404, f"unknown worker {wid!r}; register again", "id", "unknown_worker")
+        return {"ok": True}
 
     dashboard_page = page(settings.root_path)
 

@@ -69,7 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         registrar = Registrar(cfg.manager_url, public, registered_models(manager.models.values()),
                               manager.load_report,
                               cfg.heartbeat_interval, cfg.worker_token)
-    app = create_app(manager, cfg, registrar)
+    kv_publisher = None
+    if registrar is not None and cfg.publishes_kv_events:
+        from .kv_publisher import KVEventPublisher
+
+        # Under the registrar's worker id; one feed per generation model, by its first name.
+        engines = {name: m.async_engine for name, m in manager.models.items() if m.kind == "generate"}
+        kv_publisher = KVEventPublisher(cfg.manager_url, registrar.worker_id, engines, cfg.worker_token,
+                                        cfg.kv_events_interval)
+    app = create_app(manager, cfg, registrar, kv_publisher)
     if not cli.serve(entrypoint(app), cfg.host, cfg.port, limits=cfg):
         return cli.fail("worker", f"server on {cfg.host}:{cfg.port} did not start")
     return 0

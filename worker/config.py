@@ -87,6 +87,10 @@ class WorkerConfig(_Settings, ServerOptions):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Dtype = "auto"
     heartbeat_interval: float = Field(5.0, gt=0)
+    # KV-aware routing: with a manager, publish each generation engine's prefix-cache changes
+    # (worker/kv_publisher.py) every kv_events_interval seconds.
+    kv_events: bool = True
+    kv_events_interval: float = Field(0.05, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_memory: ByteSize = Field(DEFAULT_CPU_KV_BYTES, gt=0)  # per model, when it sets none
     max_body_bytes: ByteSize = Field(32 * 2**20, gt=0)
@@ -178,6 +182,11 @@ class WorkerConfig(_Settings, ServerOptions):
     def generation_config_of(self, m: ModelSettings) -> str:
         return m.generation_config or self.generation_config
 
+    @property
+    def publishes_kv_events(self) -> bool:
+        """Whether the engines record KV events for the manager (kv_events, and a manager)."""
+        return self.kv_events and bool(self.manager_url)
+
     def engine_config(self, m: ModelSettings, device: str) -> EngineConfig:
         """The engine settings of one model: engine defaults, then the model's own, then worker-wide."""
         opts = {k: v for k, v in self.engine_defaults.items() if v is not None}
@@ -186,6 +195,8 @@ class WorkerConfig(_Settings, ServerOptions):
             opts["dtype"] = self.dtype
         if "kv_cache_memory" in opts:
             opts["kv_cache_memory"] = parse_bytes(opts["kv_cache_memory"])
+        if self.publishes_kv_events:
+            opts["enable_kv_events"] = True
         return EngineConfig(model=m.source, device=device, gpu_memory_utilization=self.gpu_memory_utilization,
                             reasoning_parser=self.reasoning_parser_of(m), **opts)
 
