@@ -69,6 +69,13 @@ class ModelInfo(_Wire):
     # Set on another served name of a model (served_model_name): the model's first name. Left out
     # of the wire when unset, so a model's own entry stays {name, kind, max_model_len}.
     alias_of: str | None = Field(None, exclude_if=lambda v: v is None)
+    # KV-aware routing (clusterkit/kv_wire.py), generation models only: the engine's block size,
+    # its model root (hex; the seed of its hash chains) and a digest of what renders and
+    # tokenizes its prompts (tokenizer + chat template), under which routers cache the tokenizer
+    # they fetch from the worker's /tokenizer_info.
+    kv_block_size: int | None = Field(None, exclude_if=lambda v: v is None)
+    kv_root: str | None = Field(None, exclude_if=lambda v: v is None)
+    tokenizer_digest: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class RegisterBody(_Wire):

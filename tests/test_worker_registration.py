@@ -93,9 +93,12 @@ def test_register_heartbeat_reregister_backoff_deregister(model_dir, minilm_dir,
             _, wid, body, auth = mgr.calls[0]
             assert auth == f"Bearer {token}"
             assert body["url"] == "http://gpu-box.example:18000"  # public URL, not the bind address
-            assert body["models"] == [
-                {"name": "chat", "kind": "generate", "max_model_len": 1024},
-                {"name": "emb", "kind": "embed", "max_model_len": 256}]
+            chat, emb = body["models"]
+            # KV-aware routing's fields on the generation model (clusterkit/kv_wire.py), none on the other
+            assert {k: chat.pop(k) is not None for k in ("kv_block_size", "kv_root", "tokenizer_digest")} == \
+                {"kv_block_size": True, "kv_root": True, "tokenizer_digest": True}
+            assert chat == {"name": "chat", "kind": "generate", "max_model_len": 1024}
+            assert emb == {"name": "emb", "kind": "embed", "max_model_len": 256}
             mgr.wait_for(lambda: mgr.kinds().count("heartbeat") >= 2)
             hb = next(c for c in mgr.calls if c[0] == "heartbeat")
             assert hb[1] == wid and set(hb[2]["load"]) == {"chat", "emb"}

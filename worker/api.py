@@ -4,6 +4,7 @@ Inference routes are served by :mod:`worker.front` (raw ASGI); this FastAPI app 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,7 @@ from clusterkit.auth import require_bearer
 from clusterkit.errors import APIError
 from clusterkit.http_options import package_version, with_server_options
 
-from . import tokenization
+from . import tokenization, tokenizer_info
 from .config import WorkerConfig
 from .errors import ERRORS
 from .front import InferenceRoutes, RequestLog
@@ -40,10 +41,10 @@ def entrypoint(app: FastAPI):
     return with_server_options(routes, cfg)
 
 
-def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> FastAPI:
+def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None, kv_publisher=None) -> FastAPI:
     """Build the app for everything but inference (models, tokenize, health, metrics); serve it
     through :func:`entrypoint`. ``registrar`` (optional) joins the cluster on start-up, leaves on
-    shutdown."""
+    shutdown; ``kv_publisher`` (optional, :mod:`worker.kv_publisher`) posts KV events meanwhile."""
     metrics = WorkerMetrics(manager.load_report)
     media = MediaPolicy(media_dirs=list(config.media_dirs), allowed_domains=list(config.allowed_image_domains),
                         max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels)
@@ -58,11 +59,15 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
             raise
         if registrar is not None:
             await registrar.start()
+        if kv_publisher is not None:
+            await kv_publisher.start()
         log.info("worker ready: models=%s listening on %s:%d%s", list(manager.models), config.host,
                  config.port, f" public_url={config.public_url}" if config.public_url else "")
         try:
             yield
         finally:
+            if kv_publisher is not None:
+                await kv_publisher.stop()
             if registrar is not None:
                 await registrar.stop()
             manager.shutdown()
@@ -109,5 +114,15 @@ def create_app(manager: VLLMManager, config: WorkerConfig, registrar=None) -> Fa
     @app.post("/detokenize", dependencies=[auth])
     async def detokenize(req: DetokenizeRequest):
         return tokenization.detokenize(manager.get(req.model), req)
+
+    @app.get("/tokenizer_info", dependencies=[auth])
+    async def tokenizer_info_of(model: str):
+        """What a router needs to compute this model's prompt token ids (worker/tokenizer_info.py)."""
+        served = manager.get(model)
+        try:  # serialized here, on the thread whose encodes may mutate the tokenizer; the JSON work in a thread
+            raw = tokenizer_info.backend_json(served.tokenizer)
+        except tokenizer_info.NoTokenizerJSON as e:
+            raise APIError(404, f"model {model!r}: {e}", "model", "tokenizer_unavailable") from None
+        return Response(await asyncio.to_thread(tokenizer_info.encoded, served, raw), media_type="application/json")
 
     return app

@@ -20,10 +20,19 @@ MAX_BACKOFF_S = 60.0
 def registered_models(served: Iterable) -> list[dict]:
     """The registry entries of served models (:class:`worker.vllm_manager.ServedModel`): one per
     name each answers to, so the router routes every alias; an alias names its model's first name
-    (``alias_of``). Model sources (local paths) stay on the worker."""
+    (``alias_of``). Model sources (local paths) stay on the worker. A generation model's entries
+    carry what KV-aware routing needs: its engine's block size and hash root, and the digest of
+    its ``/tokenizer_info``."""
     return [{"name": n, "kind": m.kind, "max_model_len": m.max_model_len,
-             **({"alias_of": m.name} if n != m.name else {})}
+             **({"alias_of": m.name} if n != m.name else {}), **_kv_fields(m)}
             for m in served for n in m.names]
+
+
+def _kv_fields(m) -> dict:
+    if m.kind != "generate":
+        return {}
+    fields = {"kv_block_size": m.kv_block_size, "kv_root": m.kv_root, "tokenizer_digest": m.tokenizer_digest}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 class Registrar:

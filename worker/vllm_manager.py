@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -83,6 +84,11 @@ class ServedModel:
         return self._engine.generate(prompt=prompt, prompt_token_ids=ids, params=params, mm=mm,
                                      prefix_salt=salt)
 
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The engine loop itself, for what feeds on it (the KV event publisher)."""
+        return self._engine
+
     # -- embedding models -------------------------------------------------------------------------
     @property
     def normalizes(self) -> bool:
@@ -91,6 +97,29 @@ class ServedModel:
 
     async def embed(self, batch: list[list[int]]) -> list[list[float]]:
         return await self._engine.embed(batch)
+
+    # -- KV-aware routing (clusterkit/kv_wire.py) -------------------------------------------------
+    @property
+    def kv_block_size(self) -> int | None:
+        """Tokens per KV block of the engine (None: an embedding model)."""
+        return self._engine.engine.kv.block_size if self.kind == "generate" else None
+
+    @property
+    def kv_root(self) -> str | None:
+        """Hex of the engine's model root, the seed of its block-hash chains (None: embeddings)."""
+        return self._engine.engine.kv.model_root.hex() if self.kind == "generate" else None
+
+    @cached_property
+    def tokenizer_digest(self) -> str | None:
+        """Digest of what renders and tokenizes this model's prompts (``/tokenizer_info``'s); taken
+        once, after loading (the tokenizer, templates and template variables never change). None:
+        its tokenizer cannot be serialized for routers."""
+        from .tokenizer_info import NoTokenizerJSON, payload  # it imports prompts, which imports this module
+
+        try:
+            return payload(self)["digest"]
+        except NoTokenizerJSON:
+            return None
 
     # -- both -------------------------------------------------------------------------------------
     def stats(self) -> dict:
