@@ -16,13 +16,17 @@ from clusterkit.asgi import install_error_handlers
 from clusterkit.auth import require_bearer
 from clusterkit.errors import APIError, ErrorTable
 from clusterkit.http_options import package_version, with_server_options
-from clusterkit.registry import Registry
+from clusterkit.kv_wire import KVStore
+from clusterkit.registry import Registry, worker_key
 
 from .front import ProxyRoutes
 from .inflight import InFlight
+from .kv_index import KVIndex
+from .kv_policy import KVAwareChooser
 from .metrics import RouterMetrics
 from .openapi import publish_openapi
 from .policies import Picker, PrefixIndex
+from .prompt_tokens import PromptTokens
 from .proxy import Proxy
 from .ratelimit import RateLimiter
 from .settings import RouterSettings
@@ -52,20 +56,31 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
     registry = Registry(redis_client, settings.heartbeat_ttl)
     view = RegistryView(registry)
     inflight = InFlight(redis_client)
-    picker = Picker(settings.policy, inflight.total, PrefixIndex(settings.prefix_index_size))
+    kv_index = tokens = chooser = None
+    if settings.policy == "kv_aware":
+        kv_index = KVIndex(KVStore(redis_client, worker_key), settings.kv_index_max_blocks)
+        tokens = PromptTokens(worker_token=settings.worker_token)
+        chooser = KVAwareChooser(kv_index, tokens, settings.kv_hit_weight, settings.kv_load_slack)
+    picker = Picker(settings.policy, inflight.total, PrefixIndex(settings.prefix_index_size), kv=chooser)
     limiter = RateLimiter(redis_client, settings.requests_per_minute, settings.tokens_per_minute)
     metrics = RouterMetrics(lambda: {wid: inflight.total(wid) for wid in view.workers},
                             lambda: proxy.breaker.states())
+    if chooser is not None:
+        metrics.add_kv_aware(chooser, kv_index)
     proxy = Proxy(view, picker, inflight, metrics, settings)
     scheduler = AsyncIOScheduler()
 
     async def resync() -> None:
         await view.resync()
         proxy.breaker.forget(set(view.workers))  # workers gone from the registry
+        if kv_index is not None:
+            kv_index.retain(set(view.workers))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await view.start()
+        if kv_index is not None:
+            await kv_index.start()
         every = dict(trigger="interval", max_instances=1, coalesce=True, misfire_grace_time=None)
         scheduler.add_job(resync, seconds=settings.resync_interval, id="resync", **every)
         scheduler.add_job(inflight.sync_quietly, seconds=inflight.interval, id="inflight", **every)
@@ -80,6 +95,9 @@ def create_router_app(settings: RouterSettings, redis_client: aioredis.Redis, ti
             scheduler.shutdown(wait=False)
             await inflight.stop()
             await view.stop()
+            if kv_index is not None:
+                await kv_index.stop()
+                await tokens.close()
             proxy.close()
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)

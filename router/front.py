@@ -22,6 +22,7 @@ from clusterkit.errors import APIError, ErrorTable
 from clusterkit.http_options import REQUEST_ID, client_request_id, new_request_id
 from clusterkit.request_log import request_line
 
+from .kv_policy import KVRequest
 from .metrics import RouterMetrics
 from .proxy import Proxy, RouteTrace
 from .ratelimit import RateLimiter
@@ -105,8 +106,10 @@ class ProxyRoutes:
                 label = model
                 raise APIError(503, f"no live worker serves model {model!r}", "model")
             label = model
-            text = prompt_text_of(body) if self.settings.policy == "prefix_affinity" else ""
-            status = await self.proxy.forward(receive, send, path, raw, model, text, endpoint, rid, trace)
+            policy = self.settings.policy
+            text = prompt_text_of(body) if policy == "prefix_affinity" else ""
+            kv = KVRequest(path, body) if policy == "kv_aware" and endpoint in ("chat", "completions") else None
+            status = await self.proxy.forward(receive, send, path, raw, model, text, endpoint, rid, trace, kv)
         except ConnectionAbortedError:
             status = "499"
         except Exception as e:  # APIError (refused before routing, read_body's 413), or a bug

@@ -6,10 +6,14 @@ import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from clusterkit.registry import WorkerInfo
 
-POLICIES = ("least_load", "round_robin", "power_of_two", "prefix_affinity")
+if TYPE_CHECKING:
+    from .kv_policy import KVAwareChooser, KVRequest
+
+POLICIES = ("least_load", "round_robin", "power_of_two", "prefix_affinity", "kv_aware")
 
 
 def load_score(w: WorkerInfo, model: str, inflight: int) -> float:
@@ -63,9 +67,14 @@ class Picker:
     """Applies the configured policy over the live candidates of a model."""
 
     def __init__(self, policy: str, inflight: Callable[[str], int], prefix_index: PrefixIndex | None = None,
-                 affinity_slack: float = 4.0, rng: random.Random | None = None):
+                 affinity_slack: float = 4.0, rng: random.Random | None = None,
+                 kv: KVAwareChooser | None = None):
+        """``kv``: the kv_aware chooser (required by that policy; router/kv_policy.py)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        if policy == "kv_aware" and kv is None:
+            raise ValueError("the kv_aware policy needs its chooser")
+        self.kv = kv
         self.policy = policy
         self.inflight = inflight
         self.prefix = prefix_index or PrefixIndex()
@@ -73,11 +82,15 @@ class Picker:
         self.rng = rng or random.Random()
         self._rr: dict[str, int] = {}
 
-    def pick(self, model: str, candidates: list[WorkerInfo], prompt_text: str = "") -> WorkerInfo:
+    def pick(self, model: str, candidates: list[WorkerInfo], prompt_text: str = "",
+             kv_request: KVRequest | None = None) -> WorkerInfo:
+        """``prompt_text``: what prefix_affinity keys on; ``kv_request``: what kv_aware reads."""
         assert candidates
         score = lambda w: load_score(w, model, self.inflight(w.id))
         if len(candidates) == 1:
             chosen = candidates[0]
+        elif self.policy == "kv_aware" and kv_request is not None:
+            chosen = self.kv.choose(model, candidates, score, kv_request)
         elif self.policy == "round_robin":
             i = self._rr.get(model, 0)
             self._rr[model] = i + 1

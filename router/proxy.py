@@ -17,6 +17,7 @@ from clusterkit.registry import WorkerInfo
 
 from .breaker import Breakers
 from .inflight import InFlight
+from .kv_policy import KVRequest
 from .metrics import RouterMetrics
 from .policies import Picker
 from .settings import RouterSettings
@@ -68,19 +69,22 @@ class Proxy:
         return allowed or live  # all breakers open: still try rather than fail outright
 
     async def forward(self, receive, send, path: str, body: bytes, model: str, prompt_text: str = "",
-                      endpoint: str = "", request_id: str | None = None, trace: RouteTrace | None = None) -> str:
+                      endpoint: str = "", request_id: str | None = None, trace: RouteTrace | None = None,
+                      kv_request: KVRequest | None = None) -> str:
         """Answer the client from a worker; returns the final status, for the request counter.
         ``request_id`` (already checked to be a safe header value) goes to the worker as
-        ``X-Request-Id``; ``trace`` (optional) learns the worker and the number of attempts."""
+        ``X-Request-Id``; ``trace`` (optional) learns the worker and the number of attempts;
+        ``prompt_text`` / ``kv_request``: what the prefix_affinity / kv_aware policies read."""
         watch = DisconnectWatch(receive)
         extra = b"x-request-id: %s\r\n" % request_id.encode() if request_id else b""
         try:
-            return await self._forward(watch, send, path, body, model, prompt_text, endpoint, extra, trace)
+            return await self._forward(watch, send, path, body, model, prompt_text, endpoint, extra, trace,
+                                       kv_request)
         finally:
             watch.stop()
 
     async def _forward(self, watch: DisconnectWatch, send, path, body, model, prompt_text, endpoint,
-                       extra: bytes, trace: RouteTrace | None) -> str:
+                       extra: bytes, trace: RouteTrace | None, kv_request: KVRequest | None = None) -> str:
         tried: set[str] = set()
         start = time.perf_counter()
         last_error = "no live worker serves this model"
@@ -90,7 +94,7 @@ class Proxy:
             cands = self._candidates(model, tried)
             if not cands:
                 break
-            w = self.picker.pick(model, cands, prompt_text)
+            w = self.picker.pick(model, cands, prompt_text, kv_request)
             tried.add(w.id)
             if trace is not None:
                 trace.worker, trace.attempts = w.id, trace.attempts + 1

@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from clusterkit.config import ByteSize, config_error, merge
 from clusterkit.http_options import ServerOptions
 
-Policy = Literal["least_load", "round_robin", "power_of_two", "prefix_affinity"]
+Policy = Literal["least_load", "round_robin", "power_of_two", "prefix_affinity", "kv_aware"]
 POLICIES: tuple[str, ...] = Policy.__args__
 
 
@@ -32,6 +32,11 @@ class RouterSettings(ServerOptions):
     max_attempts: int = Field(3, ge=1)
     resync_interval: float = Field(2.0, gt=0)
     prefix_index_size: int = Field(100_000, ge=1)
+    # kv_aware (router/kv_policy.py): a full-prompt cache hit is worth kv_hit_weight load units,
+    # and a worker busier than the least-loaded one by more than kv_load_slack is never chosen.
+    kv_hit_weight: float = Field(8.0, ge=0)
+    kv_load_slack: float = Field(4.0, ge=0)
+    kv_index_max_blocks: int = Field(2_000_000, ge=1)
     max_body_bytes: ByteSize = Field(32 * 2**20, gt=0)
     connect_timeout: float = Field(3.0, gt=0)
     # A non-streamed answer's head comes when it is complete, so this bounds whole non-streamed

@@ -175,7 +175,10 @@ def train_tokenizer(vocab_size: int):
 def make_config(kind: str, vocab: int, eos: list[int], big: bool | str = False):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    if big:  # the benchmark model: ~150M parameters
+    if big == "route":  # the routing benchmark's: prefill long enough to matter, ~10M parameters
+        common = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096)
+    elif big:  # the benchmark model: ~150M parameters
         common = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048)
     else:
@@ -195,12 +198,14 @@ def make_config(kind: str, vocab: int, eos: list[int], big: bool | str = False):
 
 
 def build(out: Path, kind: str, tokenizer, big: bool | str = False, dtype: str = "float32") -> Path:
-    """``big``: False (tiny), True (the 150M engine-bench model, vocab 32000) or "serve" (the
-    same shape with the tokenizer's own vocabulary, so every sampled token decodes to text)."""
+    """``big``: False (tiny), True (the 150M engine-bench model, vocab 32000), "serve" (the
+    same shape with the tokenizer's own vocabulary, so every sampled token decodes to text) or
+    "route" (the routing benchmark's ~10M model, tokenizer vocabulary, float32)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    name = {True: "bench-llama-150m", "serve": "bench-llama-serve"}.get(big, f"tiny-{kind}")
+    names = {True: "bench-llama-150m", "serve": "bench-llama-serve", "route": "bench-llama-route"}
+    name = names.get(big, f"tiny-{kind}")
     path = out / name
     if (path / "config.json").exists():
         return path
@@ -285,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", action="store_true", help="also build the ~150M bfloat16 Llama")
     ap.add_argument("--serve-bench", action="store_true",
                     help="also the serving-benchmark Llama (same shape, tokenizer-sized vocab)")
+    ap.add_argument("--route-bench", action="store_true",
+                    help="also the routing-benchmark Llama (~10M, float32; scripts/bench_routing.py)")
     ap.add_argument("--vocab-size", type=int, default=1024)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -295,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         print(build(args.out, "llama", tok, big=True, dtype="bfloat16"))
     if args.serve_bench:
         print(build(args.out, "llama", tok, big="serve", dtype="bfloat16"))
+    if args.route_bench:
+        print(build(args.out, "llama", tok, big="route"))
     return 0
 
 

@@ -461,7 +461,7 @@ def _metaspace_tokenizer(scheme: str, lstrip: bool):
 def test_piece_cache_equals_whole_text_encoding(scheme, lstrip, enabled):
     """Pieces between added tokens encode as they do within the whole text, where the cache is
     on; where a piece's encoding would depend on its neighbours it is off (and still exact)."""
-    from router.prompt_tokens import PieceCache, special_affixes
+    from router.piece_cache import PieceCache, special_affixes
 
     tok = _metaspace_tokenizer(scheme, lstrip)
     cache = PieceCache(tok, json.loads(tok.to_str()), split_special_tokens=False)
@@ -473,7 +473,7 @@ def test_piece_cache_equals_whole_text_encoding(scheme, lstrip, enabled):
 
 
 def test_piece_cache_on_the_served_tokenizers(worker, tokenizers_):
-    from router.prompt_tokens import PieceCache
+    from router.piece_cache import PieceCache
 
     for name, tok in tokenizers_.items():
         assert tok.pieces.enabled, name

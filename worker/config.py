@@ -90,7 +90,7 @@ class WorkerConfig(_Settings, ServerOptions):
     # KV-aware routing: with a manager, publish each generation engine's prefix-cache changes
     # (worker/kv_publisher.py) every kv_events_interval seconds.
     kv_events: bool = True
-    kv_events_interval: float = Field(0.05, gt=0)
+    kv_events_interval: float = Field(0.1, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_memory: ByteSize = Field(DEFAULT_CPU_KV_BYTES, gt=0)  # per model, when it sets none
     max_body_bytes: ByteSize = Field(32 * 2**20, gt=0)
