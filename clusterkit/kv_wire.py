@@ -83,7 +83,8 @@ HexHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 class KVEventsBody(BaseModel):
     """``POST /workers/{id}/kv-events``: one model's batches ``first_seq..last_seq`` as ops in
-    order, or (``snapshot`` set) every hash its cache holds after batch ``last_seq`` (-1: none yet),
+    order (``last_seq == first_seq - 1`` and no ops: a probe that only checks the store still
+    follows on), or (``snapshot`` set) every hash its cache holds after batch ``last_seq`` (-1: none yet),
     which replaces whatever the store held for that engine."""
 
     model_config = ConfigDict(extra="forbid")
@@ -127,6 +128,7 @@ for _, op in ipairs(cjson.decode(ARGV[7])) do
     end
   end
 end
+if tonumber(ARGV[5]) < tonumber(ARGV[4]) then return 1 end  -- an idle worker's probe: nothing to add
 redis.call('HSET', KEYS[2], 'seq', ARGV[5])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'k', 'ops', 'w', ARGV[1], 'm', ARGV[2],
            'e', ARGV[3], 'f', ARGV[4], 's', ARGV[5], 't', ARGV[6], 'd', ARGV[7])

@@ -383,7 +383,7 @@ def test_retain_drops_workers_the_registry_lost(redis_url):
 
             idx.retain({"w1", "w2"})  # listed again: the periodic check reads it back
             await until(lambda: idx.match("w2", "a", [hb(21), hb(22), hb(25)]) == 3, what="un-retired")
-            assert idx.engines() == 4
+            await until(lambda: idx.engines() == 4, what="both engines read back")  # one by one
             idx.retain({"w1"})
             await sims[2].restart()  # a restarted worker's snapshot brings it back at once
             await sims[2].batch("a", ("+", [30]))

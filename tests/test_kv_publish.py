@@ -239,7 +239,8 @@ def test_publisher_404_overflow_resync_and_same_id_restart(cluster, model_dir, m
         keeper = asyncio.create_task(keep_alive())
         eng1 = AsyncEngine(llm1.engine)
         # A bound above what one prompt changes (<= 18 hashes), below what eight change.
-        pub1 = KVEventPublisher(url, wid, {"p": eng1}, TOKEN, interval=0.05, max_pending_hashes=24)
+        pub1 = KVEventPublisher(url, wid, {"p": eng1}, TOKEN, interval=0.05, max_pending_hashes=24,
+                                probe_interval=0.3)
         try:
             await pub1.start()
             await wait_for(lambda: pub1.failures >= 2, "snapshots refused: unknown worker")
@@ -274,6 +275,15 @@ def test_publisher_404_overflow_resync_and_same_id_restart(cluster, model_dir, m
             await wait_for(lambda: pub1.resyncs == 1 and pub1.snapshots_sent == 3, "resync")
             await wait_for(lambda: matches(eng1), "set after the resync")
             assert redis_set(r, wid, "p")
+
+            # Redis loses the set while the cache does not change (no batch to refuse): the idle
+            # probe gets the 409, and the snapshot puts the set back.
+            held, stream_len = redis_set(r, wid, "p"), r.xlen(STREAM)
+            await asyncio.sleep(1.0)  # probes of an idle engine leave no stream entries
+            assert r.xlen(STREAM) == stream_len
+            r.delete(meta_key(wid, "p"), blocks_key(wid, "p"))
+            await wait_for(lambda: pub1.resyncs == 2 and pub1.snapshots_sent == 4, "resync of an idle engine")
+            assert redis_set(r, wid, "p") == held
         finally:
             await pub1.stop()
             eng1.shutdown()

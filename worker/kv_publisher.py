@@ -7,8 +7,9 @@ model's buffered batches as one body (the fields of :class:`clusterkit.kv_wire.K
 replica reads. The store checks that batches follow on without a gap (epoch, seq); when they do
 not (409: Redis lost them, an answer got lost on its way back, events were dropped here) the
 publisher sends a snapshot: the engine's whole hash set at a batch seq, which replaces what the
-store held. A worker starts with a snapshot too, under a new epoch, so whatever an earlier run
-of the same worker id left in the store is replaced.
+store held. An idle model posts an empty batch every few seconds, so a store that lost its set
+while nothing changed asks for the snapshot too. A worker starts with a snapshot, under a new
+epoch, so whatever an earlier run of the same worker id left in the store is replaced.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ MAX_PENDING_HASHES = 100_000  # buffered per model while the manager is away; pa
 MAX_BACKOFF_S = 2.0
 SNAPSHOT_TIMEOUT_S = 60.0  # the engine answers between steps; a dead one never does
 BIG = 5_000  # hashes above which a body is built off the event loop
+PROBE_S = 5.0  # an idle model posts an empty batch this often: a store that lost its set (Redis
+# restarted empty) answers 409 and gets a snapshot, though the cache has not changed
 
 
 def _n_hashes(batch: KVEventBatch) -> int:
@@ -51,6 +54,8 @@ class _Feed:
     pending_hashes: int = 0
     need_snapshot: bool = True  # every run starts with one
     dropped: int = 0  # batches dropped on overflow
+    sent_seq: int = -1  # the last batch seq the store accepted
+    last_ok: float = 0.0  # monotonic time of the last accepted post
 
     def sink(self, batch: KVEventBatch) -> None:
         """Called on the engine thread: buffer the batch; past the bound drop everything buffered
@@ -111,10 +116,11 @@ class KVEventPublisher:
 
     def __init__(self, manager_url: str, worker_id: str, engines: dict[str, AsyncEngine],
                  worker_token: str | None = None, interval: float = 0.05,
-                 max_pending_hashes: int = MAX_PENDING_HASHES, timeout: float = 10.0):
+                 max_pending_hashes: int = MAX_PENDING_HASHES, timeout: float = 10.0,
+                 probe_interval: float = PROBE_S):
         self.manager_url = manager_url.rstrip("/")
         self.worker_id = worker_id
-        self.interval = interval
+        self.interval, self.probe_interval = interval, probe_interval
         self.epoch = uuid.uuid4().hex  # new every worker start: the store replaces what it held
         self._feeds = [_Feed(name, eng, max_pending_hashes) for name, eng in engines.items()]
         headers = {"Authorization": f"Bearer {worker_token}"} if worker_token else {}
@@ -181,15 +187,19 @@ class KVEventPublisher:
 
     async def _send_ops(self, f: _Feed) -> bool:
         batches = f.peek()
-        if not batches:
+        if batches:
+            ops = ops_of([b for b, _ in batches])
+            first, last, taken = batches[0][0].seq, batches[-1][0].seq, batches[-1][1]
+        elif time.monotonic() - f.last_ok >= self.probe_interval:
+            ops, first, last, taken = [], f.sent_seq + 1, f.sent_seq, time.time()  # the probe
+        else:
             return True
-        ops = ops_of([b for b, _ in batches])
-        first, last = batches[0][0].seq, batches[-1][0].seq
         body = {"model": f.name, "epoch": self.epoch, "first_seq": first, "last_seq": last,
-                "time": batches[-1][1], "ops": ops}
+                "time": taken, "ops": ops}
         status = await self._post(body, sum(len(op[1]) for op in ops if len(op) > 1))
         if status == 200:
             f.drop_through(last)
+            f.sent_seq, f.last_ok = last, time.monotonic()
             self.batches_sent += len(batches)
             return True
         if status == 409:  # the store's epoch or seq is not ours: replace its set
@@ -219,6 +229,7 @@ class KVEventPublisher:
                 with f.lock:
                     f.need_snapshot = True
         if status == 200:
+            f.sent_seq, f.last_ok = seq, time.monotonic()
             self.snapshots_sent += 1
             log.debug("kv snapshot of %s sent: %d blocks at seq %d", f.name, len(hexes), seq)
             return True
