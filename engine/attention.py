@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,10 @@ class PrefillSpan:
     gather_idx: torch.Tensor | None = None  # slots of all ctx_start + n tokens, when ctx_start > 0
     mask: torch.Tensor | None = None  # [n, ctx] causal mask for the cached-context case
 
-    def window_mask(self, window: int) -> torch.Tensor:
+    def window_mask(self, window: int, device: torch.device | str | None = None) -> torch.Tensor:
         total = self.ctx_start + self.end - self.start
-        q_pos = torch.arange(self.ctx_start, total).unsqueeze(1)
-        k_pos = torch.arange(total).unsqueeze(0)
+        q_pos = torch.arange(self.ctx_start, total, device=device).unsqueeze(1)
+        k_pos = torch.arange(total, device=device).unsqueeze(0)
         return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
@@ -99,6 +100,11 @@ class AttentionMetadata:
     block_size: int = 16
     decode_tables: torch.Tensor | None = None  # int32 [num_decodes, max_blocks]
     decode_lens: torch.Tensor | None = None  # int32 [num_decodes] context lengths
+    # Triton path (engine/triton_attention.py): the K/V write and the multi-token queries run as
+    # kernels; ``prefills`` then stays empty and ``prefill_batch`` (a PrefillBatch) describes them.
+    kv_write: Callable | None = None
+    prefill_kernel: Callable | None = None
+    prefill_batch: Any = None
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -114,8 +120,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     _, n_heads, t, d = query.shape
     n_kv = key.shape[1]
     group = n_heads // n_kv
-    kv_cache[:, 0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, Hkv, D]
-    kv_cache[:, 1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    if meta.kv_write is not None:
+        meta.kv_write(kv_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
+    else:
+        kv_cache[:, 0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, Hkv, D]
+        kv_cache[:, 1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
 
     out = query.new_empty(t, n_heads, d)
     q = query[0]  # [H, T, D]
@@ -124,6 +133,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         meta.decode_kernel(q[:, :nd].transpose(0, 1), kv_cache, meta.decode_tables, meta.decode_lens,
                            out[:nd], meta.block_size, d ** -0.5 if scaling is None else scaling,
                            sliding_window or 0)
+    if meta.prefill_kernel is not None:
+        meta.prefill_kernel(q.transpose(0, 1), kv_cache, meta.prefill_batch, out, meta.block_size,
+                            d ** -0.5 if scaling is None else scaling, sliding_window or 0)
     for g in meta.decodes:
         bd = g.end - g.start
         # Query heads of one KV head act as that head's "query positions": no repeat_kv copy.
@@ -144,13 +156,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
                                                    enable_gqa=group > 1)
             else:
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.window_mask(sliding_window),
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.window_mask(sliding_window, q.device),
                                                    scale=scaling, enable_gqa=group > 1)
         else:
             kv = kv_cache.index_select(0, span.gather_idx)  # [ctx, 2, Hkv, D]
             ks = kv[:, 0].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
             vs = kv[:, 1].transpose(0, 1).unsqueeze(0)
-            mask = span.mask if sliding_window is None else span.window_mask(sliding_window)
+            mask = span.mask if sliding_window is None else span.window_mask(sliding_window, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling,
                                                enable_gqa=group > 1)
         out[span.start:span.end] = o[0].transpose(0, 1)

@@ -32,7 +32,9 @@ class EngineConfig:
     # "native" in the model dtype, "auto" picks fp32 only where the CPU lacks native half math.
     cpu_linear: str = "auto"
     # Decode attention: "native" (CPU kernel of engine/csrc reading K/V blocks in place), "torch"
-    # (gather + SDPA, any device), "auto": native on CPU when it builds, else torch.
+    # (gather + SDPA, any device), "triton" (engine/triton_attention.py: decode, prefill and KV
+    # write as Triton kernels; on CPU only under TRITON_INTERPRET=1, for tests), "auto": triton on
+    # CUDA, native on CPU when it builds, else torch.
     attention_backend: str = "auto"
     # CPU: keep freed activation memory in the process instead of faulting it in again every step
     # (glibc malloc settings, process-wide: engine/host_memory.py). ~20% faster long prefills here.
@@ -58,8 +60,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.cpu_linear not in ("auto", "native", "fp32"):
             raise ValueError(f"cpu_linear must be auto, native or fp32, got {self.cpu_linear!r}")
-        if self.attention_backend not in ("auto", "native", "torch"):
-            raise ValueError(f"attention_backend must be auto, native or torch, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "native", "torch", "triton"):
+            raise ValueError("attention_backend must be auto, native, torch or triton, "
+                             f"got {self.attention_backend!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         check_parser(self.reasoning_parser)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -121,11 +122,14 @@ class ModelRunner:
         self.max_position_embeddings = getattr(text_cfg, "max_position_embeddings", None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
+        self.triton = None  # engine.triton_attention where the Triton kernels run this model's attention
         self.decode_kernel = self._decode_kernel(config.attention_backend, text_cfg.num_attention_heads)
 
-    def _decode_kernel(self, backend: str, n_heads: int) -> PagedDecodeKernel | None:
-        """The native CPU decode kernel, or None for the torch gather path (CUDA uses that path
-        until it has its own kernels). B=16 contexts of 700, bf16, 2 cores: 3.3 ms vs 10 ms."""
+    def _decode_kernel(self, backend: str, n_heads: int) -> Callable | None:
+        """The native CPU decode kernel, the Triton one (CUDA, or asked for), or None for the torch
+        gather path. CPU, B=16 contexts of 700, bf16, 2 cores: native 3.3 ms vs torch 10 ms."""
+        if backend == "triton" or (backend == "auto" and self.device.type == "cuda"):
+            return self._triton_kernel(backend == "triton", n_heads)
         fits = self.device.type == "cpu" and PagedDecodeKernel.supports(
             self.dtype, n_heads, self.num_kv_heads, self.head_dim)
         if backend == "torch" or (backend == "auto" and not fits):
@@ -138,6 +142,33 @@ class ModelRunner:
         if kernel is None and backend == "native":
             raise ValueError("attention_backend 'native': the CPU kernel could not be built (see log)")
         return kernel
+
+    def _triton_kernel(self, required: bool, n_heads: int) -> Callable | None:
+        """The Triton decode kernel; with it the KV write and prefill attention run as Triton
+        kernels too (``self.triton``). On CPU Triton runs only in its interpreter (tests). Where
+        Triton cannot serve and it was not asked for by name, None: the torch path."""
+        try:
+            from . import triton_attention
+        except Exception as e:  # triton missing, or broken in this image (not only ImportError)
+            if required:
+                raise ValueError(f"attention_backend 'triton': triton cannot be imported ({e})") from e
+            log.warning("triton cannot be imported (%s): attention uses the torch path", e)
+            return None
+        problem = None
+        if not triton_attention.supports(self.dtype, n_heads, self.num_kv_heads, self.head_dim):
+            problem = (f"unsupported shape (dtype={self.dtype}, heads={n_heads}/{self.num_kv_heads}, "
+                       f"head_dim={self.head_dim})")
+        elif self.device.type not in ("cuda", "cpu"):
+            problem = f"no Triton kernels for device {self.device}"
+        elif self.device.type == "cpu" and not triton_attention.INTERPRETED:
+            problem = "on CPU Triton runs only in its interpreter: set TRITON_INTERPRET=1 before the engine starts"
+        if problem:
+            if required:
+                raise ValueError(f"attention_backend 'triton': {problem}")
+            log.warning("Triton attention: %s; attention uses the torch path", problem)
+            return None
+        self.triton = triton_attention
+        return triton_attention.TritonDecodeKernel()
 
     # -- KV cache --------------------------------------------------------------------------------
     @property
@@ -201,17 +232,22 @@ class ModelRunner:
         meta = AttentionMetadata(kv_caches=self.kv_caches,
                                  slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  block_size=self.block_size)
+        if self.triton is not None:
+            meta.kv_write = self.triton.write_kv
         lens = [s.start + 1 for s in singles]
         if self.decode_kernel is not None and singles:
             nblk = -(-max(lens) // self.block_size)
             meta.decode_kernel, meta.num_decodes = self.decode_kernel, len(singles)
-            meta.decode_tables = torch.tensor(self._padded_tables(singles, nblk), dtype=torch.int32)
-            meta.decode_lens = torch.tensor(lens, dtype=torch.int32)
+            meta.decode_tables = torch.tensor(self._padded_tables(singles, nblk), dtype=torch.int32, device=dev)
+            meta.decode_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         else:
             for a, b in group_by_length(lens):
                 meta.decodes.append(self._decode_group(singles[a:b], lens[a:b], a))
         t = len(singles)
-        for s in multis:
+        if self.triton is not None and multis:  # one varlen kernel call per layer instead of spans
+            meta.prefill_kernel = self.triton.prefill_attention
+            meta.prefill_batch = self._prefill_batch(multis, t)
+        for s in multis if meta.prefill_kernel is None else ():
             n = s.num_new_tokens
             span = PrefillSpan(start=t, end=t + n, ctx_start=s.start)
             if s.start > 0:
@@ -232,6 +268,14 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return order, input_ids, positions, meta, logit_rows
+
+    def _prefill_batch(self, multis: list[ScheduledSeq], row: int):
+        """The Triton prefill kernel's metadata for the multi-token queries from packed ``row`` on."""
+        spans = []
+        for s in multis:
+            spans.append((row, s.num_new_tokens, s.start, s.seq.block_table))
+            row += s.num_new_tokens
+        return self.triton.PrefillBatch.build(spans, self.block_size, self.device)
 
     @staticmethod
     def _padded_tables(group: list[ScheduledSeq], nblk: int) -> list[list[int]]:

@@ -3,6 +3,8 @@
     python scripts/make_tiny_models.py --out models            # tiny llama, qwen2, qwen3, mistral
     python scripts/make_tiny_models.py --out models --bench    # also the ~150M benchmark Llama
     python scripts/make_tiny_models.py --out models --serve-bench  # the serving-benchmark Llama
+    python scripts/make_tiny_models.py --out models --kinds '' --shape qwen2.5-0.5b,qwen2.5-1.5b
+    python scripts/make_tiny_models.py --shape qwen2.5-0.5b --dry-run  # print the config, build nothing
 
 Every model directory holds a byte-level BPE tokenizer (trained here on text from Python's own
 docstrings plus some multilingual samples), a ChatML chat template and a generation_config whose
@@ -12,6 +14,7 @@ eos_token_id is a list.
 from __future__ import annotations
 
 import argparse
+import json
 import pydoc
 import sys
 from pathlib import Path
@@ -132,6 +135,21 @@ MULTILINGUAL = [
 ]
 TINY_KINDS = ("llama", "qwen2", "qwen3", "mistral")
 VL_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+# Real architectures with random weights, for GPU benchmarks (``--shape``): the values of the public
+# Qwen2.5-0.5B-Instruct and Qwen2.5-1.5B-Instruct config.json files, written here from them. Qwen2
+# always has q/k/v biases; sliding windows are off in both (use_sliding_window false: transformers
+# then saves sliding_window as null, and max_window_layers is inert). The token ids (eos, pad) are
+# our tokenizer's, not Qwen's. Parameters: 494,032,768 and 1,543,714,304 (embeddings tied).
+QWEN25_COMMON = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+                     rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=True,
+                     use_sliding_window=False, sliding_window=32768, max_window_layers=21,
+                     attention_dropout=0.0, initializer_range=0.02)
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, **QWEN25_COMMON),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, **QWEN25_COMMON),
+}
 
 
 def corpus() -> list[str]:
@@ -223,6 +241,39 @@ def build(out: Path, kind: str, tokenizer, big: bool | str = False, dtype: str =
     return path
 
 
+def shape_config(shape: str, eos: list[int]):
+    """The ``Qwen2Config`` of a real architecture in ``SHAPES`` (its full vocabulary of 151,936),
+    with ``eos`` (our tokenizer's ids) as end-of-sequence and padding."""
+    from transformers import Qwen2Config
+
+    values = dict(SHAPES[shape])
+    theta = values.pop("rope_theta")
+    return Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": theta}, eos_token_id=eos[0],
+                       pad_token_id=eos[-1], bos_token_id=None, **values)
+
+
+def build_shape(out: Path, shape: str, tokenizer) -> Path:
+    """Save a random-weight bfloat16 model of ``shape`` to ``out/<shape>-random``.
+
+    The embedding keeps the real 151,936 rows, so weight shapes and bytes are those of the real
+    model; the tokenizer is our small one, whose ids are the first ``len(tokenizer)`` of them. A
+    sampled id beyond it decodes to nothing, so benchmarks should run on token ids (ignore_eos)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = out / f"{shape}-random"
+    if (path / "config.json").exists():
+        return path
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    torch.manual_seed(2468 + list(SHAPES).index(shape))
+    model = AutoModelForCausalLM.from_config(shape_config(shape, eos), dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[-1], do_sample=False)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)  # carries CHAT_TEMPLATE, Qwen2.5's style
+    return path
+
+
 def make_vl_config(kind: str, tokenizer, eos: list[int]):
     """Tiny random Qwen-VL family configs (vision tower and language model both tiny)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
@@ -293,9 +344,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--route-bench", action="store_true",
                     help="also the routing-benchmark Llama (~10M, float32; scripts/bench_routing.py)")
     ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--shape", action="append", default=[], metavar="NAME[,NAME]",
+                    help=f"also a random bfloat16 model of a real architecture ({', '.join(SHAPES)}), "
+                         "saved as OUT/NAME-random; repeatable or a comma list")
+    ap.add_argument("--dry-run", action="store_true", help="print the --shape configs as JSON, build nothing")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = [s for item in args.shape for s in item.split(",") if s]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        ap.error(f"unknown --shape {unknown}; known: {list(SHAPES)}")
     tok = train_tokenizer(args.vocab_size)
+    if args.dry_run:
+        eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+        for shape in shapes:
+            print(json.dumps({"shape": shape, "config": shape_config(shape, eos).to_diff_dict()}, sort_keys=True))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     for kind in filter(None, args.kinds.split(",")):
         print(build_vl(args.out, kind, tok) if kind in VL_KINDS else build(args.out, kind, tok))
     if args.bench:
@@ -304,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         print(build(args.out, "llama", tok, big="serve", dtype="bfloat16"))
     if args.route_bench:
         print(build(args.out, "llama", tok, big="route"))
+    for shape in shapes:
+        print(build_shape(args.out, shape, tok))
     return 0
 
 
