@@ -64,6 +64,40 @@ def _kv_write_kernel(K, V, KV, Slots, stride_kt, stride_kh, stride_vt, stride_vh
 
 
 @triton.jit
+def _kv_tile(kv_base, table, pos, valid, offs_d, D, stride_slot, stride_kv,
+             BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V of positions ``pos`` (``valid`` ones) of one sequence and KV head, through its block table."""
+    blk = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
+    slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    nd_mask = valid[:, None] & (offs_d[None, :] < D)
+    ptr = kv_base + slot[:, None] * stride_slot + offs_d[None, :]
+    k = tl.load(ptr, mask=nd_mask, other=0.0)
+    v = tl.load(ptr + stride_kv, mask=nd_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One tile of online softmax: ``s`` are base-2 scores (-inf where not attended)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(Q, KV, Tables, Lens, Out, MidAcc, MidM, MidL,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_slot, stride_kv, stride_h,
                    stride_tb, scale_log2, window, partition, n_heads, D,
@@ -96,30 +130,10 @@ def _decode_kernel(Q, KV, Tables, Lens, Out, MidAcc, MidM, MidL,
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         valid = pos < hi
-        blk = tl.load(Tables + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        nd_mask = valid[:, None] & (offs_d[None, :] < D)
-        ptr = kv_base + slot[:, None] * stride_slot + offs_d[None, :]
-        k = tl.load(ptr, mask=nd_mask, other=0.0)
-        v = tl.load(ptr + stride_kv, mask=nd_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        k, v = _kv_tile(kv_base, Tables + b * stride_tb, pos, valid, offs_d, D, stride_slot, stride_kv,
+                        BLOCK_SIZE, UPCAST)
+        s = tl.where(valid[None, :], _dot(q, tl.trans(k), IEEE) * scale_log2, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     if SPLIT:  # unnormalised partials, merged by _decode_reduce_kernel
         n_split = tl.num_programs(2)
@@ -196,32 +210,11 @@ def _prefill_kernel(Q, KV, Out, Meta, stride_meta, stride_qt, stride_qh, stride_
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         valid = pos < hi
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        nd_mask = valid[:, None] & (offs_d[None, :] < D)
-        ptr = kv_base + slot[:, None] * stride_slot + offs_d[None, :]
-        k = tl.load(ptr, mask=nd_mask, other=0.0)
-        v = tl.load(ptr + stride_kv, mask=nd_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k, v = _kv_tile(kv_base, table, pos, valid, offs_d, D, stride_slot, stride_kv, BLOCK_SIZE, UPCAST)
         seen = (valid[None, :] & (pos[None, :] <= q_pos[:, None])
                 & (pos[None, :] > q_pos[:, None] - window))
-        s = tl.where(seen, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        s = tl.where(seen, _dot(q, tl.trans(k), IEEE) * scale_log2, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],

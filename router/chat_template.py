@@ -19,6 +19,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+from clusterkit.chat_messages import template_tool_calls
+
 # transformers' marker for continue_final_message: appended to the final message, found in the
 # rendered text, and cut there (with any spacing the template trimmed).
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -119,21 +121,11 @@ def optional(value, kind) -> Any:
 
 
 def _tool_calls(calls: list) -> list:
-    """``arguments`` sent as a JSON string holding an object reach the template as the object."""
-    out = []
-    for call in calls:
-        if not isinstance(call, dict):
-            raise Unfit("tool_calls")
-        fn = call.get("function")
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            try:
-                args = json.loads(fn["arguments"])
-            except ValueError:
-                args = None
-            if isinstance(args, dict):
-                call = {**call, "function": {**fn, "arguments": args}}
-        out.append(call)
-    return out
+    """The worker's rule (:func:`clusterkit.chat_messages.template_tool_calls`), for calls it
+    would have accepted."""
+    if not all(isinstance(call, dict) for call in calls):
+        raise Unfit("tool_calls")
+    return template_tool_calls(calls)
 
 
 def _content(content, vision: bool, parts_ok: bool):

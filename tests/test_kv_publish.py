@@ -111,8 +111,8 @@ def test_redis_holds_the_worker_cache_through_eviction_flushall_and_exit(cluster
     root = root_hash(f"{model_dir / 'tiny-llama'}|torch.float32")
     assert local.engine.kv.model_root == root
     entry = httpx.get(f"{url}/workers/{wid}", headers=WAUTH).json()["model_info"][0]
-    if "kv_root" in entry:  # what the worker advertises for routers to hash prompts with
-        assert entry["kv_root"] == root.hex() and entry["kv_block_size"] == BS
+    # what the worker advertises for routers to hash prompts with
+    assert entry["kv_root"] == root.hex() and entry["kv_block_size"] == BS
 
     seen: set[str] = set()
     ps = prompts(12)

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from clusterkit.chat_messages import template_tool_calls
 from clusterkit.errors import APIError
 
 from .template_process import check_template_kwargs
@@ -56,24 +56,6 @@ def _content_of(content, images: list | None, parts_ok: bool):
     return "\n".join(texts)
 
 
-def _tool_calls_of(calls: list[dict]) -> list[dict]:
-    """Assistant tool calls as templates read them: OpenAI clients send ``arguments`` as a JSON
-    string, templates (and transformers' examples) expect the object, so a string holding a JSON
-    object is parsed (as vLLM does); anything else is left as sent."""
-    out = []
-    for call in calls:
-        fn = call.get("function")
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            try:
-                args = json.loads(fn["arguments"])
-            except ValueError:
-                args = None
-            if isinstance(args, dict):
-                call = {**call, "function": {**fn, "arguments": args}}
-        out.append(call)
-    return out
-
-
 def chat_messages(messages, images: list | None, parts_ok: bool) -> list[dict]:
     """The request's messages as the template gets them: every key the client sent, content parts
     as the template reads them, tool-call arguments as objects."""
@@ -82,7 +64,7 @@ def chat_messages(messages, images: list | None, parts_ok: bool) -> list[dict]:
         msg = m.model_dump(exclude_unset=True)
         msg["content"] = _content_of(m.content, images, parts_ok)
         if m.tool_calls is not None:
-            msg["tool_calls"] = _tool_calls_of(m.tool_calls)
+            msg["tool_calls"] = template_tool_calls(m.tool_calls)
         out.append(msg)
     return out
 
