@@ -200,3 +200,35 @@ def test_eviction_and_a_worker_leaving_update_every_index(cluster):
     for u in cluster.routers():
         wait_until(lambda u=u: metric(u, "router_kv_index_engines") == 2, what=f"{u} saw the new worker")
         assert metric(u, "router_kv_index_blocks") == blocks[u]
+
+
+def test_openai_and_langchain_chats_follow_the_cache(cluster):
+    """Chats sent with the clients people use: the router renders the chat template itself, so a
+    conversation a worker holds (put there directly) routes back to that worker, streamed or not."""
+    from langchain_openai import ChatOpenAI
+    from openai import OpenAI
+
+    a, b = sorted(cluster.workers)
+    messages = [{"role": "system", "content": prompt(6, 10)}, {"role": "user", "content": prompt(7, 8)}]
+    direct = OpenAI(base_url=cluster.workers[b][1] + "/v1", api_key=TOKEN)
+    direct.chat.completions.create(model="m", messages=messages, max_tokens=1)
+    cluster.cache_on(b, prompt(8))  # then wait for the routers to have seen b's events
+    routed = OpenAI(base_url=cluster.url + "/v1", api_key="unused")
+    hits = metric(cluster.url, 'router_kv_routed_total{by="cache"}')
+    raw = routed.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=2)
+    assert raw.headers["x-llmc-worker"] == b
+    with routed.chat.completions.with_streaming_response.create(model="m", messages=messages, max_tokens=2,
+                                                                stream=True) as stream:
+        assert stream.headers["x-llmc-worker"] == b
+        assert any(line.startswith("data: ") for line in stream.iter_lines())
+    assert metric(cluster.url, 'router_kv_routed_total{by="cache"}') == hits + 2
+
+    # LangChain's ChatOpenAI, whose message dicts are its own: same prompt tokens, same worker.
+    llm = ChatOpenAI(base_url=cluster.router_url + "/v1", api_key="unused", model="m", max_tokens=2,
+                     temperature=0)
+    hits = metric(cluster.router_url, 'router_kv_routed_total{by="cache"}')
+    tokens = metric(cluster.router_url, "router_kv_cached_tokens_total")
+    reply = llm.invoke([("system", messages[0]["content"]), ("human", messages[1]["content"])])
+    assert reply.response_metadata["model_name"] == "m"
+    assert metric(cluster.router_url, 'router_kv_routed_total{by="cache"}') == hits + 1
+    assert metric(cluster.router_url, "router_kv_cached_tokens_total") > tokens
