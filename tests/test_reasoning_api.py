@@ -38,6 +38,10 @@ QWEN3_TEMPLATE = TEMPLATE.replace(
 
 END_ID = 1025  # </think> in the tiny tokenizer (checked in the fixture)
 START_ID = 1024
+# </think> biased up, both EOS ids (0, 2) down: a thought may not end the reply, so a "stop" is the
+# grammar's own end after the answer. Without it a sampled EOS inside the thinking leaves no answer
+# at all, which the unconstrained thinking allows and which made these tests depend on the seeds.
+NO_STOP_IN_THOUGHT = {str(END_ID): 4, "0": -100, "2": -100}
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}]
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -50,6 +54,7 @@ def worker(model_dir, tmp_path_factory):
     src = model_dir / "tiny-qwen3"
     tok = AutoTokenizer.from_pretrained(src)
     assert tok.convert_tokens_to_ids(["<think>", "</think>"]) == [START_ID, END_ID]
+    assert json.loads((src / "generation_config.json").read_text())["eos_token_id"] == [2, 0]  # NO_STOP_IN_THOUGHT
     open_t, qwen3_t = tmp / "open.jinja", tmp / "qwen3.jinja"
     open_t.write_text(OPEN_TEMPLATE)
     qwen3_t.write_text(QWEN3_TEMPLATE)
@@ -242,7 +247,7 @@ def test_structured_output_constrains_the_answer_after_the_thinking(worker):
     fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
     done = 0
     for seed in range(6):
-        r = chat(url, "think", seed=seed, temperature=1.0, max_tokens=60, logit_bias={str(END_ID): 4},
+        r = chat(url, "think", seed=seed, temperature=1.0, max_tokens=60, logit_bias=NO_STOP_IN_THOUGHT,
                  response_format=fmt)
         ch = r["choices"][0]
         if ch["finish_reason"] != "stop":
@@ -292,7 +297,7 @@ def test_tool_choice_required_reads_the_answer(worker):
     url = worker["url"]
     called = 0
     for seed in range(6):
-        r = chat(url, "think", seed=seed, temperature=1.0, max_tokens=100, logit_bias={str(END_ID): 4},
+        r = chat(url, "think", seed=seed, temperature=1.0, max_tokens=100, logit_bias=NO_STOP_IN_THOUGHT,
                  tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
         ch = r["choices"][0]
         if ch["finish_reason"] == "length":
