@@ -28,8 +28,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
-    # CPU GEMMs of bfloat16/float16 models: "fp32" runs them in float32 (weights upcast once),
-    # "native" in the model dtype, "auto" picks fp32 only where the CPU lacks native half math.
+    # CPU GEMMs of bfloat16/float16 models: "amx" runs decode-sized ones (<= 32 rows) of bfloat16
+    # models on the AMX kernel of engine/csrc/small_gemm.cpp (1.4-1.6x F.linear's weight bandwidth
+    # here) and the rest natively, "native" all in the model dtype, "fp32" in float32 (weights
+    # upcast once); "auto": amx where the CPU has AMX-BF16, else fp32 only where the CPU lacks
+    # native half math.
     cpu_linear: str = "auto"
     # Decode attention: "native" (CPU kernel of engine/csrc reading K/V blocks in place), "torch"
     # (gather + SDPA, any device), "triton" (engine/triton_attention.py: decode, prefill and KV
@@ -58,8 +61,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.cpu_linear not in ("auto", "native", "fp32"):
-            raise ValueError(f"cpu_linear must be auto, native or fp32, got {self.cpu_linear!r}")
+        if self.cpu_linear not in ("auto", "amx", "native", "fp32"):
+            raise ValueError(f"cpu_linear must be auto, amx, native or fp32, got {self.cpu_linear!r}")
         if self.attention_backend not in ("auto", "native", "torch", "triton"):
             raise ValueError("attention_backend must be auto, native, torch or triton, "
                              f"got {self.attention_backend!r}")

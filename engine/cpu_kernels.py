@@ -1,8 +1,9 @@
 """Native CPU kernels (``engine/csrc``), compiled at first use with the machine's C++ compiler.
 
-The shared library is built with ``-O3 -march=native -fopenmp`` into a cache directory
-(``$LLMC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/llm-cluster/kernels``, else
-``~/.cache/llm-cluster/kernels``) under a name that hashes the source, the flags, the compiler's
+Two kernels share one library: paged decode attention (``paged_decode.cpp``) and decode-sized
+bfloat16 GEMMs on AMX (``small_gemm.cpp``). The shared library is built with ``-O3 -march=native
+-fopenmp`` into a cache directory (``$LLMC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/llm-cluster/kernels``,
+else ``~/.cache/llm-cluster/kernels``) under a name that hashes the sources, the flags, the compiler's
 version and this CPU's feature flags, so a rebuilt machine or an edited kernel never loads a stale
 binary. Building takes about 2 s once; concurrent processes race benignly (atomic rename). Calls
 go through ``ctypes``, which releases the GIL while the kernel runs. Where no compiler is found or
@@ -24,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+SOURCES = (Path(__file__).parent / "csrc" / "paged_decode.cpp", Path(__file__).parent / "csrc" / "small_gemm.cpp")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -46,17 +47,17 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), " ".join(FLAGS), version,
+                                     _cpu_flags()]).encode()).hexdigest()[:16]
     out_dir = cache_dir()
-    target = out_dir / f"paged_decode-{key}.so"
+    target = out_dir / f"kernels-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(tmp, target)
     finally:
@@ -103,16 +104,67 @@ class PagedDecodeKernel:
                 and n_heads // n_kv_heads <= 16 and 0 < head_dim <= 256)
 
 
-def load() -> PagedDecodeKernel | None:
-    """Build (once per machine) and load the kernel; ``None`` where that is not possible."""
+class SmallGemmKernel:
+    """ctypes binding of ``small_gemm_bf16`` (see ``csrc/small_gemm.cpp``): bfloat16
+    ``x @ w.T (+ bias)`` for up to :attr:`MAX_ROWS` rows on AMX tiles."""
+
+    MAX_ROWS = 32
+
+    def __init__(self, lib: ctypes.CDLL):
+        fn = lib.small_gemm_bf16
+        p, n = ctypes.c_void_p, ctypes.c_long
+        fn.argtypes = [p, n, p, p, p, n, n, n, n, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """Whether this kernel takes ``weight`` (bfloat16 ``[N, K]``, contiguous, K % 32 == 0)."""
+        return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous()
+                and weight.device.type == "cpu" and weight.shape[1] % 32 == 0)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x``: bfloat16 [M, K] with unit stride along K, M <= MAX_ROWS; ``bias``: float32 [N]
+        or None. Returns a new bfloat16 [M, N]."""
+        m, k = x.shape
+        n = weight.shape[0]
+        if not (x.dtype == torch.bfloat16 and x.stride(1) == 1 and 0 < m <= self.MAX_ROWS
+                and weight.shape[1] == k and self.supports(weight)
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
+            raise ValueError("small GEMM kernel: unsupported shape, layout or dtype")
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        rc = self._fn(x.data_ptr(), x.stride(0), weight.data_ptr(),
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k,
+                      torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"small GEMM kernel failed (code {rc})")
+        return y
+
+
+def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        log.warning("no C++ compiler found: CPU decode attention uses the torch path")
+        log.warning("no C++ compiler found: the CPU kernels of engine/csrc are off (torch paths)")
         return None
     try:
-        return PagedDecodeKernel(ctypes.CDLL(str(_build(compiler))))
+        return ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("building the CPU decode-attention kernel failed (%s): using the torch path",
+        log.warning("building the CPU kernels failed (%s): using the torch paths",
                     detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return None
+
+
+def load() -> PagedDecodeKernel | None:
+    """Build (once per machine) and load the decode-attention kernel; ``None`` where that is not
+    possible."""
+    lib = _library()
+    return None if lib is None else PagedDecodeKernel(lib)
+
+
+def load_small_gemm() -> SmallGemmKernel | None:
+    """The AMX small-batch GEMM where this CPU, compiler and kernel have it; else ``None``."""
+    lib = _library()
+    if lib is None or not lib.small_gemm_available():
+        return None
+    return SmallGemmKernel(lib)

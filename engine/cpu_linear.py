@@ -1,4 +1,13 @@
-"""Half-precision linear layers on CPUs without native bfloat16/float16 arithmetic.
+"""CPU linear layers: AMX GEMMs for decode-sized batches, float32 GEMMs where half math is missing.
+
+**Small batches on AMX (``amx``).** A decode step streams every weight for a few rows; on a 2-core
+Xeon with AMX, oneDNN's ``F.linear`` read bfloat16 weights at ~10 GB/s there, the kernel of
+``csrc/small_gemm.cpp`` at ~16 GB/s (the 150M benchmark Llama's GEMMs for 8 rows: 24.5 -> 17 ms a
+step; 32 rows 33 -> 28 ms). :class:`SmallBatchLinear` sends up to 32 rows to it and the rest
+(prefill) to ``F.linear``, on the same weight tensor (no copy, tied weights stay tied); its
+results equalled ``F.linear``'s bit for bit in the tests.
+
+**Float32 (``fp32``): half precision on CPUs without native half arithmetic.**
 
 On CPUs with AVX-512-BF16 or AMX, oneDNN runs bfloat16 GEMMs natively. Without them (AVX2-only
 parts, e.g. the 2-core AMD EPYC this was measured on), ``F.linear`` in bfloat16 falls back to a
@@ -65,6 +74,34 @@ class Fp32AccumLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
 
 
+class SmallBatchLinear(nn.Module):
+    """``nn.Linear`` (bfloat16) whose GEMMs of up to ``kernel.MAX_ROWS`` rows run on the AMX
+    kernel; larger ones go to ``F.linear``. Keeps the original weight and bias parameters."""
+
+    def __init__(self, linear: nn.Linear, kernel):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        # The kernel adds the bias in float32 before its one rounding, as oneDNN does.
+        self._bias32 = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self._kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if x.dim() else 0
+        # The kernel computes no gradients: autograd (never in the engine) keeps F.linear.
+        if (0 < rows <= self._kernel.MAX_ROWS and x.dtype == torch.bfloat16
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+            x2 = x.reshape(rows, self.in_features)
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            return self._kernel(x2, self.weight, self._bias32).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, small batches on AMX"
+
+
 def has_native_half(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` natively (AVX-512-BF16/AMX-BF16, AVX-512-FP16/AMX-FP16)."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
@@ -75,28 +112,46 @@ def has_native_half(dtype: torch.dtype) -> bool:
     return True
 
 
-def choose_mode(mode: str, dtype: torch.dtype, device: torch.device) -> str:
-    """``native`` or ``fp32`` for the linear layers of a CPU model; ``auto`` picks ``fp32`` for
-    float32 models (the faster GEMM orientation) and for half-precision models on CPUs that lack
-    native half-precision arithmetic."""
-    if mode not in ("auto", "native", "fp32"):
-        raise ValueError(f"cpu_linear must be auto, native or fp32, got {mode!r}")
+MODES = ("auto", "amx", "native", "fp32")
+
+
+def choose_mode(mode: str, dtype: torch.dtype, device: torch.device, amx_available: bool = False) -> str:
+    """``amx``, ``native`` or ``fp32`` for the linear layers of a model.
+
+    ``auto``: ``amx`` for bfloat16 models where the AMX kernel runs (``amx_available``),
+    ``native`` for other half-precision models on CPUs with native half math, ``fp32`` for float32
+    models (the faster GEMM orientation) and for half-precision models on CPUs without it. Off the
+    CPU, always ``native``."""
+    if mode not in MODES:
+        raise ValueError(f"cpu_linear must be one of {', '.join(MODES)}, got {mode!r}")
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return "native"
     if mode == "auto":
+        if dtype == torch.bfloat16 and amx_available:
+            return "amx"
         return "native" if dtype != torch.float32 and has_native_half(dtype) else "fp32"
+    if mode == "amx" and not (dtype == torch.bfloat16 and amx_available):
+        raise ValueError(f"cpu_linear: amx needs a bfloat16 model and a CPU with AMX-BF16 (model: {dtype})")
     return mode
 
 
-def adapt_linears(model: nn.Module) -> int:
-    """Swap every ``nn.Linear`` of ``model`` for :class:`Fp32AccumLinear`.
+def adapt_linears(model: nn.Module, mode: str = "fp32", kernel=None) -> int:
+    """Swap every ``nn.Linear`` of ``model`` for :class:`Fp32AccumLinear` (``fp32``) or, for
+    bfloat16 weights the ``kernel`` takes, :class:`SmallBatchLinear` (``amx``).
 
-    Tied weights (an ``lm_head`` sharing the embedding matrix) get their own float32 copy for the
-    GEMM; the embedding keeps the original. Returns the number of layers swapped."""
+    ``fp32``: tied weights (an ``lm_head`` sharing the embedding matrix) get their own float32
+    copy for the GEMM; the embedding keeps the original. Returns the number of layers swapped."""
+    if mode not in ("fp32", "amx"):
+        raise ValueError(f"adapt_linears: mode must be fp32 or amx, got {mode!r}")
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if type(child) is not nn.Linear:
+                continue
+            if mode == "fp32" and child.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
                 setattr(parent, name, Fp32AccumLinear(child))
+                swapped += 1
+            elif mode == "amx" and kernel is not None and kernel.supports(child.weight):
+                setattr(parent, name, SmallBatchLinear(child, kernel))
                 swapped += 1
     return swapped

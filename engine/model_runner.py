@@ -106,11 +106,14 @@ class ModelRunner:
         except Exception as e:
             raise load_error(config.model, e) from e
         self.model = model.to(self.device).eval()
-        self.linear_mode = cpu_linear.choose_mode(config.cpu_linear, self.dtype, self.device)
-        if self.linear_mode == "fp32":
-            n = cpu_linear.adapt_linears(self.model)
-            log.info("%s: %d %s linear layers run their GEMMs in float32 (engine/cpu_linear.py)",
-                     config.model, n, self.dtype)
+        gemm = (cpu_kernels.load_small_gemm() if self.device.type == "cpu" and self.dtype == torch.bfloat16
+                and config.cpu_linear in ("auto", "amx") else None)
+        self.linear_mode = cpu_linear.choose_mode(config.cpu_linear, self.dtype, self.device,
+                                                  amx_available=gemm is not None)
+        if self.linear_mode in ("fp32", "amx"):
+            n = cpu_linear.adapt_linears(self.model, self.linear_mode, gemm)
+            log.info("%s: %d %s linear layers run %s (engine/cpu_linear.py)", config.model, n, self.dtype,
+                     "batches of up to 32 rows on AMX" if self.linear_mode == "amx" else "float32 GEMMs")
         self.vision = VisionAdapter(self.model, self.hf_config) if self.is_vl else None
         text_cfg = self.hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers

@@ -1,4 +1,5 @@
-"""The native CPU decode kernel against a plain torch reference, and float32-GEMM linears."""
+"""The native CPU kernels (paged decode attention, the AMX small-batch GEMM) against torch, and the
+linear-layer adapters."""
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_kernel_rejects_bad_layouts(kernel):
 def test_kernel_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMC_KERNEL_CACHE", str(tmp_path))
     assert cpu_kernels.load() is not None
-    built = list(tmp_path.glob("paged_decode-*.so"))
+    built = list(tmp_path.glob("kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     assert cpu_kernels.load() is not None
@@ -109,8 +110,81 @@ def test_choose_mode():
     assert cpu_linear.choose_mode("native", torch.bfloat16, cpu) == "native"
     auto = cpu_linear.choose_mode("auto", torch.bfloat16, cpu)
     assert auto == ("native" if cpu_linear.has_native_half(torch.bfloat16) else "fp32")
+    assert cpu_linear.choose_mode("auto", torch.bfloat16, cpu, amx_available=True) == "amx"
+    assert cpu_linear.choose_mode("auto", torch.float16, cpu, amx_available=True) != "amx"
+    assert cpu_linear.choose_mode("auto", torch.float32, cpu, amx_available=True) == "fp32"
+    assert cpu_linear.choose_mode("amx", torch.bfloat16, cpu, amx_available=True) == "amx"
+    with pytest.raises(ValueError, match="AMX"):
+        cpu_linear.choose_mode("amx", torch.bfloat16, cpu, amx_available=False)
     with pytest.raises(ValueError):
         cpu_linear.choose_mode("fast", torch.bfloat16, cpu)
+
+
+def _has_amx() -> bool:
+    return bool((torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}).get("amx_bf16"))
+
+
+@pytest.fixture(scope="module")
+def small_gemm():
+    k = cpu_kernels.load_small_gemm()
+    if not _has_amx():
+        assert k is None, "no AMX here: the kernel must report itself unavailable"
+        pytest.skip("this CPU has no AMX-BF16")
+    assert k is not None, "this CPU has AMX-BF16: the small-GEMM kernel must build and run"
+    return k
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 32])
+@pytest.mark.parametrize("n,k", [(2816, 1024), (1026, 64), (37, 96)])  # N % 32 tails included
+def test_small_gemm_matches_f_linear(small_gemm, rows, n, k):
+    """Bias or not, the AMX kernel gives F.linear's bfloat16 results (both sum exact products in
+    float32 and round once); allow a one-ulp flip in at most 1 output in 1000."""
+    torch.manual_seed(rows * 7 + n)
+    w, b = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
+    for bias in (None, b):
+        got = small_gemm(x, w, None if bias is None else bias.float())
+        want = torch.nn.functional.linear(x, w, bias)
+        differ = got != want
+        assert differ.float().mean() <= 1e-3
+        assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0)
+    strided = torch.randn(rows, k + 32).bfloat16()[:, :k]  # rows farther apart than k
+    assert torch.equal(small_gemm(strided, w, None), small_gemm(strided.contiguous(), w, None))
+
+
+def test_small_gemm_rejects_what_it_cannot_take(small_gemm):
+    w = torch.randn(64, 64).bfloat16()
+    for x in (torch.randn(33, 64).bfloat16(), torch.randn(2, 64), torch.randn(2, 32).bfloat16()):
+        with pytest.raises(ValueError):
+            small_gemm(x, w, None)
+    assert not small_gemm.supports(torch.randn(64, 48).bfloat16())  # K % 32 != 0
+    assert not small_gemm.supports(torch.randn(64, 64))
+
+
+def test_small_batch_linear_routes_by_rows(small_gemm):
+    """Up to 32 rows go to the kernel, more to F.linear; one weight tensor, tied weights stay tied."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96, bias=True).bfloat16()
+    wrapped = cpu_linear.SmallBatchLinear(lin, small_gemm)
+    assert wrapped.weight is lin.weight
+    calls = []
+    real = small_gemm.__call__
+    small_gemm_spy = type("Spy", (), {"MAX_ROWS": small_gemm.MAX_ROWS,
+                                      "__call__": lambda self, *a: calls.append(a[0].shape) or real(*a)})()
+    wrapped._kernel = small_gemm_spy
+    with torch.inference_mode():
+        for shape in [(1, 1, 128), (4, 1, 128), (2, 16, 128), (40, 128), (3, 20, 128)]:
+            x = torch.randn(shape).bfloat16()
+            y = wrapped(x)
+            assert y.shape == (*shape[:-1], 96)
+            assert torch.allclose(y.float(), lin(x).float(), rtol=2 ** -7, atol=1e-6)
+    assert calls == [(1, 128), (4, 128), (32, 128)]
+    # Layers whose input width the kernel does not take (K % 32 != 0) stay nn.Linear.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 48), nn.ReLU()), nn.Linear(48, 30)).bfloat16()
+    assert cpu_linear.adapt_linears(model, "amx", small_gemm) == 2
+    assert type(model[2]) is nn.Linear and isinstance(model[0], cpu_linear.SmallBatchLinear)
+    with torch.inference_mode():
+        assert model(torch.randn(5, 64).bfloat16()).shape == (5, 30)
 
 
 def test_keep_freed_memory_sets_glibc_malloc_options():

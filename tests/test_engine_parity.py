@@ -117,3 +117,22 @@ def test_logprobs_match_hf_log_softmax(kind, make_llm, hf_reference):
         assert set(row.topk(5).indices.tolist()) <= set(lp)
         for tok_id, value in lp.items():
             assert abs(value - row[tok_id].item()) < 1e-4
+
+
+def test_amx_linears_give_the_native_tokens(make_llm):
+    """bfloat16 on a CPU with AMX: the small-batch GEMM kernel (decode steps, short prefills) gives
+    the same greedy tokens as plain F.linear for concurrent requests of mixed lengths."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if not caps.get("amx_bf16"):
+        pytest.skip("this CPU has no AMX-BF16")
+    from engine.cpu_linear import SmallBatchLinear
+
+    amx = make_llm("llama", dtype="bfloat16", max_num_seqs=8, cpu_linear="amx")
+    native = make_llm("llama", dtype="bfloat16", max_num_seqs=8, cpu_linear="native")
+    assert amx.engine.runner.linear_mode == "amx" and native.engine.runner.linear_mode == "native"
+    assert any(isinstance(m, SmallBatchLinear) for m in amx.engine.runner.model.modules())
+    prompts = random_prompts(12, 3, 60, 500, seed=5)
+    lens = [random.Random(i).randint(4, 30) for i in range(len(prompts))]
+    got = amx.generate([{"prompt_token_ids": p} for p in prompts], [greedy(m) for m in lens])
+    want = native.generate([{"prompt_token_ids": p} for p in prompts], [greedy(m) for m in lens])
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
