@@ -39,6 +39,10 @@ class EngineConfig:
     # write as Triton kernels; on CPU only under TRITON_INTERPRET=1, for tests), "auto": triton on
     # CUDA, native on CPU when it builds, else torch.
     attention_backend: str = "auto"
+    # CPU: Llama-family decoder layers (Llama, Mistral, Qwen2, Qwen3) run their elementwise steps
+    # as fused kernels and q/k/v (gate/up) as one GEMM (engine/fused_layers.py); False keeps
+    # transformers' module forward. The 150M benchmark Llama at 8 rows: see the README.
+    fuse_layers: bool = True
     # CPU: keep freed activation memory in the process instead of faulting it in again every step
     # (glibc malloc settings, process-wide: engine/host_memory.py). ~20% faster long prefills here.
     keep_freed_memory: bool = True

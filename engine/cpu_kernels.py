@@ -1,9 +1,11 @@
 """Native CPU kernels (``engine/csrc``), compiled at first use with the machine's C++ compiler.
 
-Two kernels share one library: paged decode attention (``paged_decode.cpp``) and decode-sized
-bfloat16 GEMMs on AMX (``small_gemm.cpp``). The shared library is built with ``-O3 -march=native
--fopenmp`` into a cache directory (``$LLMC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/llm-cluster/kernels``,
-else ``~/.cache/llm-cluster/kernels``) under a name that hashes the sources, the flags, the compiler's
+Three sources share one library: paged decode attention (``paged_decode.cpp``), decode-sized
+bfloat16 GEMMs on AMX (``small_gemm.cpp``) and the fused elementwise steps of a decoder layer
+(``fused_ops.cpp``: RMSNorm with its residual add, rotary embedding, SiLU-and-multiply).
+The shared library is built with ``-O3 -march=native -fopenmp`` into a cache directory
+(``$LLMC_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/llm-cluster/kernels``, else
+``~/.cache/llm-cluster/kernels``) under a name that hashes the sources, the flags, the compiler's
 version and this CPU's feature flags, so a rebuilt machine or an edited kernel never loads a stale
 binary. Building takes about 2 s once; concurrent processes race benignly (atomic rename). Calls
 go through ``ctypes``, which releases the GIL while the kernel runs. Where no compiler is found or
@@ -19,13 +21,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_decode.cpp", Path(__file__).parent / "csrc" / "small_gemm.cpp")
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("paged_decode.cpp", "small_gemm.cpp", "fused_ops.cpp"))
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -141,6 +145,78 @@ class SmallGemmKernel:
         return y
 
 
+class FusedOps:
+    """ctypes bindings of ``csrc/fused_ops.cpp``: a decoder layer's elementwise steps in one call
+    each, rounding as the transformers modules do (float32 and bfloat16 only)."""
+
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, n, i, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+        self._norm = lib.fused_rms_norm
+        self._norm.argtypes = [i, p, n, p, n, p, n, p, p, n, n, n, f, i]
+        self._rotary = lib.fused_rotary
+        self._rotary.argtypes = [i, p, n, i, i, p, n, p, n, n, i]
+        self._silu = lib.fused_silu_mul
+        self._silu.argtypes = [i, p, n, p, n, n, p, n, n, i]
+        for fn in (self._norm, self._rotary, self._silu):
+            fn.restype = ctypes.c_int
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> bool:
+        return x.dim() == 2 and x.stride(1) == 1
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(h) * weight, h)`` with ``h = residual + x`` (rounded to the dtype), or ``h = x``
+        without a residual. x, residual: [rows, dim] with unit stride along dim."""
+        rows, dim = x.shape
+        if not (self._rows(x) and x.dtype in self.DTYPES and weight.dtype == x.dtype and weight.is_contiguous()
+                and weight.numel() == dim and (residual is None or (self._rows(residual)
+                                                                    and residual.shape == x.shape
+                                                                    and residual.dtype == x.dtype))):
+            raise ValueError("fused rms_norm: unsupported shape, layout or dtype")
+        y = torch.empty(rows, dim, dtype=x.dtype)
+        h = x if residual is None else torch.empty(rows, dim, dtype=x.dtype)
+        r = residual
+        self._norm(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), None if r is None else r.data_ptr(),
+                   0 if r is None else r.stride(0), h.data_ptr(), h.stride(0), weight.data_ptr(), y.data_ptr(),
+                   dim, rows, dim, float(eps), torch.get_num_threads())
+        return y, h
+
+    def rotary(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate ``x`` [rows, heads * D] (unit stride along it) in place by ``cos``/``sin``
+        [rows, D], as transformers' ``apply_rotary_pos_emb`` (rotate-half convention)."""
+        rows = x.shape[0]
+        d = cos.shape[-1]
+        if not (self._rows(x) and x.shape[1] >= heads * d and x.dtype in self.DTYPES and cos.dtype == sin.dtype
+                == x.dtype and self._rows(cos) and self._rows(sin) and cos.shape == sin.shape == (rows, d)
+                and d % 2 == 0):
+            raise ValueError("fused rotary: unsupported shape, layout or dtype")
+        self._rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), heads, d, cos.data_ptr(), cos.stride(0),
+                     sin.data_ptr(), sin.stride(0), rows, torch.get_num_threads())
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` ([rows, I] each, unit stride along I) as a new [rows, I]."""
+        rows, inter = gate.shape
+        if not (self._rows(gate) and self._rows(up) and gate.shape == up.shape and gate.dtype in self.DTYPES
+                and up.dtype == gate.dtype):
+            raise ValueError("fused silu_mul: unsupported shape, layout or dtype")
+        y = torch.empty(rows, inter, dtype=gate.dtype)
+        self._silu(_DTYPE_CODES[gate.dtype], gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), inter,
+                   y.data_ptr(), inter, rows, torch.get_num_threads())
+        return y
+
+
+@dataclass
+class CpuKernels:
+    """Everything the library offers on this machine (``None`` where a kernel is unavailable)."""
+
+    decode: PagedDecodeKernel | None
+    gemm: SmallGemmKernel | None
+    fused: FusedOps | None
+
+
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -160,6 +236,21 @@ def load() -> PagedDecodeKernel | None:
     possible."""
     lib = _library()
     return None if lib is None else PagedDecodeKernel(lib)
+
+
+def load_all() -> CpuKernels:
+    """Build (once per machine) and load the library, with every kernel it has here."""
+    lib = _library()
+    if lib is None:
+        return CpuKernels(None, None, None)
+    return CpuKernels(PagedDecodeKernel(lib), SmallGemmKernel(lib) if lib.small_gemm_available() else None,
+                      FusedOps(lib))
+
+
+def load_fused() -> FusedOps | None:
+    """The fused elementwise steps; ``None`` where the library cannot be built."""
+    lib = _library()
+    return None if lib is None else FusedOps(lib)
 
 
 def load_small_gemm() -> SmallGemmKernel | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from . import attention, cpu_kernels, cpu_linear, host_memory
+from . import attention, cpu_kernels, cpu_linear, fused_layers, host_memory
 from .attention import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from .config import EngineConfig
 from .cpu_kernels import PagedDecodeKernel
@@ -106,14 +106,24 @@ class ModelRunner:
         except Exception as e:
             raise load_error(config.model, e) from e
         self.model = model.to(self.device).eval()
-        gemm = (cpu_kernels.load_small_gemm() if self.device.type == "cpu" and self.dtype == torch.bfloat16
-                and config.cpu_linear in ("auto", "amx") else None)
+        # The CPU kernels of engine/csrc, built (once per machine) and loaded once per engine.
+        self.kernels = (cpu_kernels.load_all() if self.device.type == "cpu"
+                        else cpu_kernels.CpuKernels(None, None, None))
+        gemm = (self.kernels.gemm if self.dtype == torch.bfloat16 and config.cpu_linear in ("auto", "amx")
+                else None)
         self.linear_mode = cpu_linear.choose_mode(config.cpu_linear, self.dtype, self.device,
                                                   amx_available=gemm is not None)
         if self.linear_mode in ("fp32", "amx"):
             n = cpu_linear.adapt_linears(self.model, self.linear_mode, gemm)
             log.info("%s: %d %s linear layers run %s (engine/cpu_linear.py)", config.model, n, self.dtype,
                      "batches of up to 32 rows on AMX" if self.linear_mode == "amx" else "float32 GEMMs")
+        self.fused_layers = 0  # decoder layers running engine/fused_layers.py's forward
+        if config.fuse_layers and self.kernels.fused is not None:
+            self.fused_layers = fused_layers.install(self.model, self.dtype, self.kernels.fused,
+                                                     gemm if self.linear_mode == "amx" else None)
+            if self.fused_layers:
+                log.info("%s: %d decoder layers run fused (engine/fused_layers.py)", config.model,
+                         self.fused_layers)
         self.vision = VisionAdapter(self.model, self.hf_config) if self.is_vl else None
         text_cfg = self.hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
@@ -141,7 +151,7 @@ class ModelRunner:
             raise ValueError(f"attention_backend 'native' needs a CPU device and a supported shape "
                              f"(device={self.device}, dtype={self.dtype}, heads={n_heads}/"
                              f"{self.num_kv_heads}, head_dim={self.head_dim})")
-        kernel = cpu_kernels.load()
+        kernel = self.kernels.decode
         if kernel is None and backend == "native":
             raise ValueError("attention_backend 'native': the CPU kernel could not be built (see log)")
         return kernel

@@ -640,16 +640,21 @@ class Chaos:
     async def _drain(self, i: int) -> None:
         f = Fault("drain", f"worker{i}", self.rel(), bound_s=self.c.s.heartbeat_ttl)
         self.faults.append(f)
-        deadline, wid = now() + 3 * self.c.s.heartbeat_ttl, None
-        while wid is None and now() < deadline:  # just after a Redis restart it may not be listed yet
-            wid = await self.worker_id(i)
-            await asyncio.sleep(0 if wid else 0.1)
+        deadline = now() + 3 * self.c.s.heartbeat_ttl
         self.timeline.set(f"worker{i}", False)
-        r = await self.http.post(f"{self.c.manager_url}/workers/{wid}/drain")
+        # Just after a Redis restart the worker may not be registered again yet (a listing can
+        # still show it while the store does not): ask again, as an operator would, until its
+        # next heartbeat has re-registered it.
+        while True:
+            wid = await self.worker_id(i)
+            r = await self.http.post(f"{self.c.manager_url}/workers/{wid}/drain") if wid else None
+            if (r is not None and r.status_code != 404) or now() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         self.draining.add(i)
         f.done = self.rel()
         f.converged_s = await self.converge(now(), 3 * self.c.s.heartbeat_ttl)
-        f.note = f"drain answered {r.status_code}"
+        f.note = f"drain answered {r.status_code if r is not None else 'nothing (never listed)'}"
         await asyncio.sleep(self.drain_hold)
         u = Fault("undrain", f"worker{i}", self.rel(), bound_s=self.c.s.heartbeat_ttl)
         self.faults.append(u)

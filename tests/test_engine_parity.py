@@ -39,12 +39,16 @@ def test_single_request(kind, make_llm, hf_reference):
     assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("kind,backend", [(k, "auto") for k in KINDS] + [("llama", "torch"), ("mistral", "torch")])
+@pytest.mark.parametrize("kind,backend", [(k, "auto") for k in KINDS] + [("llama", "torch"), ("mistral", "torch")]
+                         + [("llama", "unfused"), ("qwen3", "unfused")])
 def test_sixteen_concurrent_mixed_lengths(kind, backend, make_llm, hf_reference):
-    """``auto`` is the native CPU decode kernel here; ``torch`` the gather path CUDA uses."""
+    """``auto`` is the native CPU decode kernel here; ``torch`` the gather path CUDA uses;
+    ``unfused`` transformers' own layer forward instead of engine/fused_layers.py's."""
     hf, tok = hf_reference(kind)
-    llm = make_llm(kind, max_num_seqs=16, attention_backend=backend)
-    assert (llm.engine.runner.decode_kernel is not None) == (backend == "auto")
+    fuse = backend != "unfused"
+    llm = make_llm(kind, max_num_seqs=16, attention_backend="auto" if not fuse else backend, fuse_layers=fuse)
+    assert (llm.engine.runner.decode_kernel is not None) == (backend != "torch")
+    assert llm.engine.runner.fused_layers == (hf.config.num_hidden_layers if fuse else 0)
     prompts = random_prompts(16, 3, 120, len(tok), seed=1)
     rng = random.Random(2)
     lens = [rng.randint(4, 40) for _ in prompts]
@@ -136,3 +140,23 @@ def test_amx_linears_give_the_native_tokens(make_llm):
     got = amx.generate([{"prompt_token_ids": p} for p in prompts], [greedy(m) for m in lens])
     want = native.generate([{"prompt_token_ids": p} for p in prompts], [greedy(m) for m in lens])
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_fused_layers_in_bfloat16_follow_the_module_forward(kind, make_llm):
+    """bfloat16, where the fused path also joins q/k/v and gate/up into one GEMM each: prompt
+    logprobs (every position of 6 prompts, so every layer's output at prefill sizes) stay within
+    bfloat16 rounding of transformers' module forward. Greedy tokens of random-weight models can
+    part at near-ties after a few steps in bfloat16, so the values are compared, not the tokens."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 20, 90, 500, seed=9)]
+    fused = make_llm(kind, dtype="bfloat16", max_num_seqs=8, fuse_layers=True)
+    plain = make_llm(kind, dtype="bfloat16", max_num_seqs=8, fuse_layers=False)
+    assert fused.engine.runner.fused_layers > 0 and plain.engine.runner.fused_layers == 0
+    diffs = []
+    for a, b in zip(fused.generate(prompts, params), plain.generate(prompts, params)):
+        for da, db in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            ((ta, va),), ((tb, vb),) = da.items(), db.items()
+            assert ta == tb  # the prompt token itself
+            diffs.append(abs(va - vb))
+    assert max(diffs) < 0.1 and sum(diffs) / len(diffs) < 0.02, (max(diffs), sum(diffs) / len(diffs))
