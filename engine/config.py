@@ -43,6 +43,9 @@ class EngineConfig:
     # as fused kernels and q/k/v (gate/up) as one GEMM (engine/fused_layers.py); False keeps
     # transformers' module forward. The 150M benchmark Llama at 8 rows: see the README.
     fuse_layers: bool = True
+    # Run one full dummy batch at start-up (LLMEngine._warm_up), so the first real burst does not
+    # pay first-use costs (GEMM kernel builds, allocator growth); nothing of it is kept or counted.
+    warmup: bool = True
     # CPU: keep freed activation memory in the process instead of faulting it in again every step
     # (glibc malloc settings, process-wide: engine/host_memory.py). ~20% faster long prefills here.
     keep_freed_memory: bool = True

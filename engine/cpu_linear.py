@@ -74,6 +74,33 @@ class Fp32AccumLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
 
 
+def padded_rows(rows: int) -> int:
+    """Row count a CPU bfloat16 GEMM of ``rows`` rows runs at: a multiple of 32 up to 512, of 128
+    beyond (27 shapes from 33 to 2048 rows; at most 25% padding from 128 rows on).
+
+    oneDNN builds a JIT kernel per shape on first use: on the 2-core AMX Xeon a step whose row
+    count was new paid ~2 ms per weight shape (the 150M Llama's 4 GEMM shapes at 40-150 rows:
+    13-37 ms first, 7-15 ms after). Every prefill chunk has its own row count, so a fresh worker's
+    first minute of traffic paid it on nearly every step (B=16 short prompts over HTTP: ITL p50 88
+    ms in the first cell against 41 in the next)."""
+    if rows <= 512:
+        return -(-rows // 32) * 32
+    return -(-rows // 128) * 128
+
+
+def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of ``x`` [rows, K] computed at :func:`padded_rows` rows (zero rows appended);
+    the result is the first ``rows`` rows, contiguous."""
+    rows = x.shape[0]
+    padded = padded_rows(rows)
+    if padded != rows:
+        xp = x.new_empty(padded, x.shape[1])
+        xp[:rows] = x
+        xp[rows:] = 0
+        x = xp
+    return F.linear(x, weight, bias)[:rows]
+
+
 class SmallBatchLinear(nn.Module):
     """``nn.Linear`` (bfloat16) whose GEMMs of up to ``kernel.MAX_ROWS`` rows run on the AMX
     kernel; larger ones go to ``F.linear``. Keeps the original weight and bias parameters."""
@@ -96,6 +123,9 @@ class SmallBatchLinear(nn.Module):
             if x2.stride(1) != 1:
                 x2 = x2.contiguous()
             return self._kernel(x2, self.weight, self._bias32).view(*x.shape[:-1], self.out_features)
+        if rows and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            y = bucketed_linear(x.reshape(rows, self.in_features), self.weight, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import attention
 from .cpu_kernels import FusedOps, SmallGemmKernel
-from .cpu_linear import SmallBatchLinear
+from .cpu_linear import SmallBatchLinear, bucketed_linear
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class FusedProjection:
         rows = x.shape[0]
         if self.gemm is not None and 0 < rows <= self.gemm.MAX_ROWS:
             return self.gemm(x, self.weight, self.bias32)
+        if self.gemm is not None and rows:  # the AMX machine's oneDNN: a few row counts only
+            return bucketed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

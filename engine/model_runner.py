@@ -211,6 +211,16 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
 
+    def clear_kv_cache(self) -> None:
+        """Zero every KV block (after the engine's warm-up wrote some)."""
+        for kv in self.kv_caches:
+            kv.zero_()
+
+    @property
+    def interpreted(self) -> bool:
+        """Whether attention runs in Triton's CPU interpreter (tests): far too slow to warm up."""
+        return self.triton is not None and self.device.type == "cpu"
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer) from src to dst."""
         if not pairs:

@@ -54,7 +54,9 @@ class Sampler:
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
         tokens = torch.empty(n, dtype=torch.long, device=dev)
-        if greedy_rows:
+        if len(greedy_rows) == n:  # all greedy: no gathered copy of the logits
+            torch.argmax(logits, dim=-1, out=tokens)
+        elif greedy_rows:
             idx = torch.tensor(greedy_rows, device=dev)
             tokens[idx] = logits[idx].argmax(dim=-1)
         if sample_rows:

@@ -293,6 +293,9 @@ class Server:
         raise TimeoutError(url)
 
     def stop(self):
+        """Stop the server's whole process group and wait until every member is gone: a child
+        still exiting (or a generation thread finishing) would share the cores with the next
+        system's first cell."""
         if self.p.poll() is None:
             os.killpg(self.p.pid, signal.SIGTERM)
             try:
@@ -300,7 +303,48 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.p.pid, signal.SIGKILL)
                 self.p.wait()
+        deadline = time.monotonic() + 30
+        while group_alive(self.p.pid):
+            if time.monotonic() > deadline:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 30
+            time.sleep(0.1)
         self.log.close()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cpu_busy(window: float = 0.5) -> float:
+    """Fraction of the machine's CPU time spent busy over ``window`` seconds (/proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+    t0, i0 = sample()
+    time.sleep(window)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(limit: float = 60.0, threshold: float = 0.1) -> float:
+    """Wait (up to ``limit`` s) until the machine is idle, so a cell does not start while
+    something else (a server still shutting down, a build) holds the cores; the last reading."""
+    deadline = time.monotonic() + limit
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy()
+    if busy > threshold:
+        print(f"  warning: machine still {busy:.0%} busy before the cell", file=sys.stderr, flush=True)
+    return busy
 
 
 def pool_blocks(args, batch: int, block: int) -> int:
@@ -363,12 +407,21 @@ def start(system: str, args, batch: int) -> tuple[Server, str, str]:
 
 # -- matrix ---------------------------------------------------------------------------------------
 
+def warmup_requests(batch: int) -> int:
+    """A cell's warm-up: one full batch at its concurrency, so neither server meets a batch of
+    that size (its buffers, its GEMM shapes) for the first time in the timed part."""
+    return max(WARMUP_REQUESTS, batch)
+
+
 def run_cell(system: str, url: str, model_name: str, cell: Cell, work, args) -> dict:
-    """Warm up with the first ``WARMUP_REQUESTS`` of ``work`` (distinct prompts: no prefix-cache hits later),
-    then time the rest."""
+    """Warm up with the first :func:`warmup_requests` of ``work`` (distinct prompts: no
+    prefix-cache hits later), then time the rest."""
     bodies = [body_for(system, model_name, p, m) for p, m in work]
-    asyncio.run(drive(url, bodies[:WARMUP_REQUESTS], WARMUP_REQUESTS, None, args.seed))
-    results, wall = asyncio.run(drive(url, bodies[WARMUP_REQUESTS:], cell.batch, args.request_rate, args.seed))
+    warm = warmup_requests(cell.batch)
+    wait_idle()
+    asyncio.run(drive(url, bodies[:warm], cell.batch, None, args.seed))
+    wait_idle()
+    results, wall = asyncio.run(drive(url, bodies[warm:], cell.batch, args.request_rate, args.seed))
     s = summarize(results, wall)
     print(f"  {cell.label} {system}: ok={s['ok']} failed={s['failed']} wall={s['wall_s']:.1f}s "
           f"out_tok/s={s['out_tok_s']:.1f} ttft_p50={s['ttft_p50'] * 1e3:.0f}ms "
@@ -508,7 +561,7 @@ def main(argv=None) -> int:
 def run_matrix(args, cells: list[Cell], tok, results: dict[Cell, dict]) -> None:
     for batch in args.batch_limits:
         mine = [c for c in cells if c.batch == batch]
-        n = WARMUP_REQUESTS + requests_per_cell(args, batch)
+        n = warmup_requests(batch) + requests_per_cell(args, batch)
         workloads = {c: make_workload(tok, n, args.seed + i, c.prompt, c.output) for i, c in enumerate(mine)}
         for cell, res in run_batch_limit(batch, mine, workloads, args).items():
             results[cell] = res

@@ -212,3 +212,26 @@ def test_keep_freed_memory_sets_glibc_malloc_options():
     q = libc.malloc(4 * 2**20)
     libc.free(q)
     assert q == p
+
+
+def test_padded_rows_limits_the_gemm_shapes():
+    from engine.cpu_linear import padded_rows
+
+    assert [padded_rows(r) for r in (1, 32, 33, 100, 512, 513, 1000, 2048)] == [32, 32, 64, 128, 512, 640, 1024,
+                                                                               2048]
+    assert len({padded_rows(r) for r in range(33, 2049)}) == 27
+    assert all(padded_rows(r) - r < (32 if r <= 512 else 128) for r in range(1, 4096))
+    assert all(padded_rows(r) <= 1.25 * r for r in range(128, 4096))
+
+
+@pytest.mark.parametrize("rows", [33, 57, 130, 600])
+def test_bucketed_linear_gives_the_rows_of_f_linear(rows):
+    from engine.cpu_linear import bucketed_linear
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+    y = bucketed_linear(x, w, b)
+    assert y.shape == (rows, 96) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=0.01, atol=0.02)

@@ -160,3 +160,20 @@ def test_fused_layers_in_bfloat16_follow_the_module_forward(kind, make_llm):
             assert ta == tb  # the prompt token itself
             diffs.append(abs(va - vb))
     assert max(diffs) < 0.1 and sum(diffs) / len(diffs) < 0.02, (max(diffs), sum(diffs) / len(diffs))
+
+
+def test_start_up_warm_up_leaves_nothing_behind(make_llm, hf_reference):
+    """The warm-up batch runs at start-up, then the engine starts empty: every block free, no
+    prefix-cache entry or query counted, the KV cache zeroed, and greedy tokens unchanged."""
+    hf, _ = hf_reference("llama")
+    llm = make_llm("llama", max_num_seqs=8)
+    eng = llm.engine
+    assert eng.warmup_sequences == 8
+    stats = eng.stats()
+    assert stats["num_free_blocks"] == stats["num_kv_blocks"] and stats["prefix_cache_queries"] == 0
+    assert all(not kv.any() for kv in eng.runner.kv_caches)
+    cold = make_llm("llama", max_num_seqs=8, warmup=False)
+    assert cold.engine.warmup_sequences == 0
+    prompts = random_prompts(4, 5, 40, 500, seed=11)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(12))
+    assert_parity(hf, prompts, outs, 12)
