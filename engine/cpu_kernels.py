@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("paged_decode.cpp", "small_gemm.cpp", "fused_ops.cpp"))
+HEADERS = (Path(__file__).parent / "csrc" / "vec_exp.h",)  # included, not compiled: hashed too
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -51,7 +52,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), " ".join(FLAGS), version,
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), " ".join(FLAGS), version,
                                      _cpu_flags()]).encode()).hexdigest()[:16]
     out_dir = cache_dir()
     target = out_dir / f"kernels-{key}.so"

@@ -13,6 +13,7 @@
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+#include "vec_exp.h"
 #define HAVE_AVX512_BF16 1
 #endif
 
@@ -131,24 +132,11 @@ void attend_seq(const T* q, long q_sh, const T* kv, const int32_t* table, int ct
 
 #ifdef HAVE_AVX512_BF16
 
-// e^x for x <= 0 (softmax weights): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6
-// Taylor polynomial (relative error < 2e-7); below -87 the result is 0.
+// e^x for x <= 0 (softmax weights); below -87 the result is 0.
 inline __m512 exp_neg(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(~tiny, p, n);
+  return _mm512_maskz_mov_ps(~tiny, exp512_in_range(_mm512_max_ps(x, lo)));
 }
 
 inline __m512 bf16x16_to_ps(const uint16_t* p) {
