@@ -21,9 +21,10 @@ How each system is driven:
 - transformers continuous batching: ``init_continuous_batching`` + ``add_request(ids,
   max_new_tokens=...)`` per request (``generate_batch`` takes one ``max_new_tokens`` for all),
   ``max_requests_per_batch`` = batch limit, a KV pool sized for the cell, and the page size and
-  ``max_batch_tokens`` given by ``--cb-page-size`` / ``--cb-max-batch-tokens`` (defaults 16 and 512:
-  the settings of the independent measurement in issue 10; ``--tune-cb`` sweeps them on the first
-  cell). Warmed up with the measured settings first.
+  ``max_batch_tokens`` given by ``--cb-page-size`` / ``--cb-max-batch-tokens`` (defaults 256 and 256,
+  the best of ``--tune-cb``'s sweep on the Xeon; the issue's measurement used 16 and 512; on the AMD
+  machine the sweep put every setting within noise of the others). Warmed up with the measured
+  settings first.
 
 Prints a markdown row per cell, then the worst cell (minimum ratio of ours to the faster
 transformers path) and the geometric mean of the ratios.
