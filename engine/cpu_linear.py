@@ -101,9 +101,19 @@ def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return F.linear(x, weight, bias)[:rows]
 
 
+def small_batch_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     bias32: torch.Tensor | None, kernel) -> torch.Tensor:
+    """``F.linear`` of a bfloat16 ``x`` [rows >= 1, K] on the AMX machine: up to ``kernel.MAX_ROWS``
+    rows on the AMX kernel (``bias32``: the bias in float32, added before its one rounding), more at
+    :func:`padded_rows` rows through oneDNN."""
+    if x.shape[0] <= kernel.MAX_ROWS:
+        return kernel(x if x.stride(1) == 1 else x.contiguous(), weight, bias32)
+    return bucketed_linear(x, weight, bias)
+
+
 class SmallBatchLinear(nn.Module):
     """``nn.Linear`` (bfloat16) whose GEMMs of up to ``kernel.MAX_ROWS`` rows run on the AMX
-    kernel; larger ones go to ``F.linear``. Keeps the original weight and bias parameters."""
+    kernel; larger ones go to ``F.linear`` at padded row counts. Keeps the original weight and bias parameters."""
 
     def __init__(self, linear: nn.Linear, kernel):
         super().__init__()
@@ -117,14 +127,9 @@ class SmallBatchLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if x.dim() else 0
         # The kernel computes no gradients: autograd (never in the engine) keeps F.linear.
-        if (0 < rows <= self._kernel.MAX_ROWS and x.dtype == torch.bfloat16
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            x2 = x.reshape(rows, self.in_features)
-            if x2.stride(1) != 1:
-                x2 = x2.contiguous()
-            return self._kernel(x2, self.weight, self._bias32).view(*x.shape[:-1], self.out_features)
-        if rows and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            y = bucketed_linear(x.reshape(rows, self.in_features), self.weight, self.bias)
+        if rows and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            y = small_batch_gemm(x.reshape(rows, self.in_features), self.weight, self.bias, self._bias32,
+                                 self._kernel)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 

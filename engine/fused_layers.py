@@ -28,7 +28,7 @@ from torch import nn
 
 from . import attention
 from .cpu_kernels import FusedOps, SmallGemmKernel
-from .cpu_linear import SmallBatchLinear, bucketed_linear
+from .cpu_linear import SmallBatchLinear, small_batch_gemm
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,8 @@ class FusedProjection:
         return cls(weight, bias, None if bias is None else bias.float().contiguous(), gemm)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.gemm is not None and 0 < rows <= self.gemm.MAX_ROWS:
-            return self.gemm(x, self.weight, self.bias32)
-        if self.gemm is not None and rows:  # the AMX machine's oneDNN: a few row counts only
-            return bucketed_linear(x, self.weight, self.bias)
+        if self.gemm is not None and x.shape[0]:
+            return small_batch_gemm(x, self.weight, self.bias, self.bias32, self.gemm)
         return F.linear(x, self.weight, self.bias)
 
 
